@@ -1,0 +1,66 @@
+# Experiment and tuning toolkit. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+EXP ?= quickstart
+SET ?=
+WORKERS ?= 0
+PORT ?= 5000
+GPU ?= 0
+PYTEST_ARGS ?=
+
+SET_ARGS := $(foreach kv,$(SET),--set $(kv))
+WORKER_ARGS := $(if $(filter-out 0,$(WORKERS)),--workers $(WORKERS),)
+
+.DEFAULT_GOAL := help
+.PHONY: help install tune validate ui test test-all lint format bench clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+	@echo "  variables: EXP=<card or path> SET=\"k=v ...\" WORKERS=N PORT=5000 GPU=1"
+
+install: $(STAMP) ## create .venv with the project and its dev extras (GPU=1: CUDA TensorFlow)
+
+# Re-runs only when pyproject.toml changes (or GPU= differs from the last install).
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@if [ "$(GPU)" = "1" ]; then \
+	  $(BIN)/python -m pip uninstall --quiet -y tensorflow-cpu && \
+	  $(BIN)/python -m pip install --quiet "tensorflow[and-cuda]"; fi
+	@touch $(STAMP)
+
+tune: install ## run a search: make tune EXP=quickstart [SET="train.epochs=5"] [WORKERS=2]
+	$(BIN)/toolkit tune $(EXP) $(SET_ARGS) $(WORKER_ARGS)
+
+validate: install ## check a card without training: make validate EXP=quickstart
+	$(BIN)/toolkit validate $(EXP) $(SET_ARGS)
+
+ui: install ## MLflow UI over the default store on 127.0.0.1:$(PORT)
+	@mkdir -p mlruns
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port $(PORT)
+
+test: install ## fast tests (under 10 minutes)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: install ## every test, slow end-to-end ones included
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install ## ruff check and format check
+	$(BIN)/ruff check toolkit tests benchmarks
+	$(BIN)/ruff format --check toolkit tests benchmarks
+
+format: install ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix toolkit tests benchmarks
+	$(BIN)/ruff format toolkit tests benchmarks
+
+bench: install ## every performance figure, measured side by side (see benchmarks/RESULTS.md)
+	$(BIN)/python benchmarks/run_all.py
+
+clean: ## remove the environment, caches and the local MLflow store
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info benchmarks/out
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	find mlruns -mindepth 1 ! -name .gitkeep -exec rm -rf {} + 2>/dev/null || true

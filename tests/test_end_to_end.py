@@ -1,0 +1,43 @@
+"""The quickstart card end to end: real KerasTuner, real MLflow in tmp_path."""
+
+from __future__ import annotations
+
+import yaml
+from conftest import shrunk
+
+from toolkit.tuning import run_search
+
+
+def test_quickstart_search_is_recorded_as_parent_and_nested_trials(store, mlflow_client):
+    cfg = shrunk("quickstart", "train.epochs=2", "tracking.log_model=false")
+    result = run_search(cfg)
+
+    exp = mlflow_client.get_experiment_by_name("quickstart")
+    assert exp is not None
+    runs = mlflow_client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("toolkit.role") == "search"]
+    trials = [r for r in runs if r.data.tags.get("toolkit.role") == "trial"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.run_id == result.parent_run_id
+    assert parent.info.status == "FINISHED"
+    assert len(trials) == 2
+    assert {t.data.tags["toolkit.trial_id"] for t in trials} == {"0", "1"}
+    for trial in trials:
+        assert trial.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert trial.info.status == "FINISHED"
+        for name in ("depth", "units", "activation", "optimizer", "learning_rate", "l1", "l2"):
+            assert name in trial.data.params, name
+        assert trial.data.params["activation"] in ("sigmoid", "tanh", "relu")
+        assert 1 <= int(trial.data.params["depth"]) <= 4
+        history = mlflow_client.get_metric_history(trial.info.run_id, "val_loss")
+        assert sorted(m.step for m in history) == [0, 1]
+        assert {"loss", "accuracy", "val_accuracy"} <= set(trial.data.metrics)
+
+    artifact = mlflow_client.download_artifacts(parent.info.run_id, "experiment.yaml")
+    card = yaml.safe_load(open(artifact))
+    assert card["name"] == "quickstart"
+    assert card["tuner"]["max_trials"] == 2
+    assert card["train"]["epochs"] == 2
+    assert parent.data.metrics["trials_completed"] == 2
+    assert "best_val_accuracy" in parent.data.metrics

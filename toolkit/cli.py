@@ -1,0 +1,184 @@
+"""The ``toolkit`` command: parses arguments and calls library functions.
+
+Exit codes (contract): 0 success, 2 bad card or usage, 1 other failure, 130 interrupted.
+TensorFlow is imported only by commands that train, so ``validate`` and ``--help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from toolkit.config import ConfigError, load_config
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # bad usage is exit 2 with one line, as for a bad card
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="toolkit", description="Experiment cards → KerasTuner searches tracked in MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    tune = sub.add_parser("tune", help="run (or resume) the search an experiment card describes")
+    tune.add_argument("exp", metavar="EXP", help="a card name in experiments/ or a path to a YAML card")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a card field, e.g. --set tuner.max_trials=2 (repeatable)")
+    tune.add_argument("--fresh", action="store_true", help="start a new search and parent run instead of resuming")
+    tune.add_argument("--workers", type=int, default=0, metavar="N", help="run N local tuner workers under a chief on 127.0.0.1")
+    tune.add_argument("--role", choices=["chief", "worker"], help="for searches across hosts: this process's role")
+    tune.add_argument("--bind", metavar="HOST:PORT", help="chief: the address the oracle listens on")
+    tune.add_argument("--oracle", metavar="HOST:PORT", help="worker: the chief's oracle address")
+    tune.add_argument("--verbose", action="store_true", help="show TensorFlow's and KerasTuner's own output")
+
+    validate = sub.add_parser("validate", help="check a card and print the resolved config (no TensorFlow import)")
+    validate.add_argument("exp", metavar="EXP")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    sub.add_parser("datasets", help="list the data sources with their sizes and tasks")
+
+    report = sub.add_parser("report", help="regenerate a search's report from MLflow")
+    report.add_argument("exp", metavar="EXP")
+    report.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def _quiet_tensorflow(verbose: bool) -> None:
+    if verbose:
+        return
+    # Must be set before TensorFlow is imported to silence its C++ start-up logs.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    logging.getLogger("alembic").setLevel(logging.ERROR)
+    _import_tensorflow_quietly()
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with fd 2 captured: its C++ start-up lines come before absl logging
+    is set up, so no environment variable silences them. If the import fails, the captured
+    output is replayed, so errors are never hidden."""
+    import tempfile
+
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        except BaseException:
+            os.dup2(saved, 2)
+            capture.seek(0)
+            sys.stderr.write(capture.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    import yaml
+
+    cfg = load_config(args.exp, args.overrides)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    print(f"# valid: objective {cfg.objective} ({cfg.direction})", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from toolkit.data import describe_sources
+
+    table = Table(title="data sources (or give a path to a .csv, .npz or .parquet file)")
+    for column in ("name", "kind", "samples", "features", "task", "classes"):
+        table.add_column(column)
+    for row in describe_sources():
+        table.add_row(*(str(row[c]) for c in ("name", "kind", "samples", "features", "task", "classes")))
+    Console().print(table)
+    return EXIT_OK
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    cfg = load_config(args.exp, args.overrides)  # a bad card fails here, before TensorFlow loads
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be 0 or more. Received: {args.workers}", field="--workers")
+    _quiet_tensorflow(args.verbose)
+    if args.workers or args.role:
+        from toolkit import distributed
+
+        return distributed.main(cfg, args)
+
+    from toolkit import progress
+    from toolkit.tuning import run_search
+
+    reporter = progress.make_reporter(cfg)
+    with reporter:
+        result = run_search(cfg, fresh=args.fresh, on_trial=reporter.trial_done)
+    progress.print_summary(result)
+    return EXIT_OK if result.best is not None else EXIT_FAILURE
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    cfg = load_config(args.exp, args.overrides)
+    _quiet_tensorflow(True)
+    from toolkit import analysis
+
+    path = analysis.regenerate(cfg)
+    print(f"report written to {path} and logged to the search's parent run")
+    return EXIT_OK
+
+
+COMMANDS = {"tune": cmd_tune, "validate": cmd_validate, "datasets": cmd_datasets, "report": cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code."""
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        exp = getattr(args, "exp", "")
+        print(f"\ninterrupted: open runs were marked KILLED. Resume with: toolkit tune {exp} (or make tune EXP={exp})", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # any other failure: one line, no traceback unless asked for
+        if os.environ.get("TOOLKIT_DEBUG") or getattr(args, "verbose", False):
+            raise
+        from toolkit.data import DatasetUnavailable
+
+        kind = "" if isinstance(exc, DatasetUnavailable) else f"{type(exc).__name__}: "
+        print(f"error: {kind}{exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def entrypoint() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

@@ -1,0 +1,548 @@
+"""The experiment card: schema, loading by name or path, ``--set`` overrides.
+
+This module is the lowest layer of the toolkit. It imports neither TensorFlow nor MLflow,
+so ``toolkit validate`` answers in well under a second.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+# Registries of names. The objects behind them live in space.py, data.py and strategy.py;
+# the names live here so that a card can be checked without importing TensorFlow.
+ACTIVATIONS = (
+    "sigmoid",
+    "tanh",
+    "relu",
+    "elu",
+    "selu",
+    "gelu",
+    "swish",
+    "leaky_relu",
+    "linear",
+)
+# "sgd" is plain SGD; "momentum" and "nesterov" are SGD with (Nesterov) momentum.
+SGD_FAMILY = ("momentum", "nesterov")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad")
+ALGORITHMS = ("random", "grid", "bayesian", "hyperband")
+STRATEGIES = ("auto", "cpu", "gpu", "mirrored", "tpu", "multi_worker")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+SHIPPED_DATASETS = ("digits", "breast_cancer", "wine", "iris")
+SYNTHETIC_DATASETS = ("spirals", "moons", "circles", "xor", "friedman")
+KERAS_DATASETS = ("mnist", "fashion_mnist", "cifar10")
+DATASETS = SHIPPED_DATASETS + SYNTHETIC_DATASETS + KERAS_DATASETS
+FILE_SUFFIXES = (".csv", ".npz", ".parquet")
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+DEFAULT_EXPERIMENTS_DIR = Path("experiments")
+
+
+class ConfigError(Exception):
+    """A bad card or bad usage: fatal, reported before any training (exit code 2).
+
+    Args:
+        message: What was wrong, the value received and what is accepted.
+        field: The dotted path of the offending field, if there is one.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class _Section(BaseModel):
+    # A typo in a card must never be silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class Range(_Section):
+    """A range of values: ``{min, max, step}`` or ``{min, max, sampling: log}``."""
+
+    min: float
+    max: float
+    step: float | None = None
+    sampling: Literal["linear", "log"] = "linear"
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> Range:
+        for key in ("min", "max"):
+            if not math.isfinite(getattr(self, key)):
+                raise ValueError(f"{key} must be a finite number. Received: {getattr(self, key)}")
+        if self.min > self.max:
+            raise ValueError(f"min {self.min:g} is greater than max {self.max:g}")
+        if self.sampling == "log" and self.min <= 0:
+            raise ValueError(f"log sampling needs min > 0. Received: min={self.min:g}")
+        if self.step is not None and self.step <= 0:
+            raise ValueError(f"step must be > 0. Received: step={self.step:g}")
+        return self
+
+    @property
+    def is_int(self) -> bool:
+        """Whether every bound is a whole number, so the range can be an ``hp.Int``."""
+        return all(float(v).is_integer() for v in (self.min, self.max, self.step or 1))
+
+
+Scalar = Union[bool, int, float, str]
+# A list is a choice, a scalar is fixed, a mapping is a range.
+Param = Union[Range, list[Scalar], Scalar]
+
+
+def _choices(value: Param) -> list[Any]:
+    """The discrete values a parameter can take (ranges have none)."""
+    if isinstance(value, list):
+        return value
+    if isinstance(value, Range):
+        return []
+    return [value]
+
+
+class SpaceConfig(_Section):
+    """The search space. Each entry becomes one KerasTuner hyperparameter of the same name."""
+
+    depth: Param = Field(default_factory=lambda: Range(min=1, max=3))
+    units: Param = Field(default_factory=lambda: [32, 64, 128])
+    activation: Param = "relu"
+    optimizer: Param = "adam"
+    learning_rate: Param = 1e-3
+    # Only SGD with momentum has a momentum value (a KerasTuner conditional).
+    momentum: Param = 0.9
+    l1: Param = 0.0
+    l2: Param = 0.0
+    dropout: Param = 0.0
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list offers no choice; give at least one value")
+        if value is None:
+            raise ValueError("a value is required; give a scalar, a list or {min, max}")
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _check_values(cls, value: Any, info: ValidationInfo) -> Any:
+        name = info.field_name
+        if name in _NAMED:
+            allowed = _NAMED[name]
+            if isinstance(value, Range):
+                raise ValueError("a range is not accepted here; give a name or a list of names")
+            for item in _choices(value):
+                if item not in allowed:
+                    raise ValueError(f"unknown {name} {item!r}. Accepted: {', '.join(allowed)}")
+            return value
+        low, high = _BOUNDS[name]
+        points = [value.min, value.max] if isinstance(value, Range) else _choices(value)
+        for item in points:
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                raise ValueError(f"must be a number. Received: {item!r}")
+            if not (low <= item <= high):
+                raise ValueError(f"must be in the range [{low:g}, {high:g}]. Received: {item!r}")
+            if name in ("depth", "units") and not float(item).is_integer():
+                raise ValueError(f"must be a whole number. Received: {item!r}")
+        return value
+
+
+_NAMED = {"activation": ACTIVATIONS, "optimizer": OPTIMIZERS}
+_BOUNDS = {
+    "depth": (1, 64),
+    "units": (1, 65536),
+    "learning_rate": (1e-12, 1e3),
+    "momentum": (0.0, 1.0),
+    "l1": (0.0, 10.0),
+    "l2": (0.0, 10.0),
+    "dropout": (0.0, 0.99),
+}
+
+
+class DataConfig(_Section):
+    """Where the data comes from and how it is split."""
+
+    source: str = "digits"
+    validation_split: float = Field(0.2, gt=0.0, lt=1.0)
+    # The test split is held out and touched only to evaluate the best model.
+    test_split: float = Field(0.0, ge=0.0, lt=1.0)
+    target: str | None = None
+    features: list[str] | None = None
+    task: Literal["classification", "regression"] | None = None
+    n_samples: int | None = Field(None, ge=4, le=10_000_000)
+    noise: float | None = Field(None, ge=0.0, le=100.0)
+    n_features: int | None = Field(None, ge=1, le=100_000)
+    n_classes: int | None = Field(None, ge=2, le=1000)
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if value in DATASETS or value.lower().endswith(FILE_SUFFIXES):
+            return value
+        raise ValueError(
+            f"unknown data source {value!r}. Accepted: {', '.join(DATASETS)}, "
+            f"or a path to a {'/'.join(FILE_SUFFIXES)} file"
+        )
+
+    @model_validator(mode="after")
+    def _check_splits(self) -> DataConfig:
+        if self.validation_split + self.test_split >= 1.0:
+            raise ValueError(
+                "validation_split + test_split must be below 1 so training data remains. "
+                f"Received: {self.validation_split:g} + {self.test_split:g}"
+            )
+        return self
+
+
+class TunerConfig(_Section):
+    """Which KerasTuner algorithm runs the trials, and what it optimizes."""
+
+    algorithm: Literal["random", "grid", "bayesian", "hyperband"] = "random"
+    # None: val_accuracy for classification, val_loss for regression.
+    objective: str | None = None
+    direction: Literal["min", "max"] | None = None
+    max_trials: int = Field(4, ge=1, le=100_000)
+    executions_per_trial: int = Field(1, ge=1, le=100)
+    # Hyperband: reduction factor between brackets.
+    factor: int = Field(3, ge=2, le=100)
+    # KerasTuner's own failure controls.
+    max_consecutive_failed_trials: int = Field(3, ge=1, le=100_000)
+    max_retries_per_trial: int = Field(0, ge=0, le=100)
+
+    @field_validator("objective")
+    @classmethod
+    def _objective_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(f"objective must be a metric name such as val_loss. Received: {value!r}")
+        return value
+
+
+class TrainConfig(_Section):
+    """How each trial trains."""
+
+    epochs: int = Field(3, ge=1, le=100_000)
+    # The global batch: each replica gets batch_size / replicas.
+    batch_size: int = Field(64, ge=1, le=1_000_000)
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    # "auto" picks from model and data size; small models are bound by per-step overhead.
+    steps_per_execution: int | Literal["auto"] = "auto"
+    jit_compile: bool | Literal["auto"] = "auto"
+    # Stop a trial when the objective has not improved for this many epochs (0: never).
+    early_stopping: int = Field(0, ge=0, le=100_000)
+    # Per-epoch diagnostics: gradient norms, dead ReLUs, weight norms, train/val gap.
+    diagnostics: bool = True
+
+    @field_validator("steps_per_execution")
+    @classmethod
+    def _positive_spe(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 100_000:
+            raise ValueError(f"steps_per_execution must be 'auto' or in [1, 100000]. Received: {value}")
+        return value
+
+
+class StrategyConfig(_Section):
+    """The ``tf.distribute`` strategy each trial trains under."""
+
+    name: Literal["auto", "cpu", "gpu", "mirrored", "tpu", "multi_worker"] = "auto"
+    # mirrored without GPUs: the CPU is split into this many logical devices.
+    replicas: int = Field(2, ge=1, le=64)
+
+
+class TrackingConfig(_Section):
+    """Where and what MLflow records."""
+
+    # None: MLFLOW_TRACKING_URI, else SQLite at mlruns/mlflow.db.
+    uri: str | None = None
+    # None: the card's name.
+    experiment: str | None = None
+    # Log the best model once on the parent run and register it as <name>@champion.
+    log_model: bool = True
+    register_model: bool = True
+    report: bool = True
+
+
+class ExperimentConfig(_Section):
+    """A whole experiment card."""
+
+    name: str
+    seed: int = Field(42, ge=0, le=2**31 - 1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    space: SpaceConfig = Field(default_factory=SpaceConfig)
+    tuner: TunerConfig = Field(default_factory=TunerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not NAME_PATTERN.fullmatch(value):
+            raise ValueError(
+                f"name must be 1-100 characters of letters, digits, '_', '-' or '.', "
+                f"starting with a letter or digit. Received: {value!r}"
+            )
+        return value
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _strategy_shorthand(cls, value: Any) -> Any:
+        # `strategy: mirrored` is shorthand for `strategy: {name: mirrored}`.
+        return {"name": value} if isinstance(value, str) else value
+
+    @property
+    def objective(self) -> str:
+        """The metric the tuner optimizes."""
+        if self.tuner.objective:
+            return self.tuner.objective
+        return "val_loss" if self.data.task == "regression" else "val_accuracy"
+
+    @property
+    def direction(self) -> str:
+        """``min`` or ``max``: given in the card, else inferred from the objective's name."""
+        return self.tuner.direction or objective_direction(self.objective)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved card as plain data (what ``experiment.yaml`` holds)."""
+        return self.model_dump(mode="json")
+
+
+def objective_direction(objective: str) -> str:
+    """Infer whether an objective is minimized: ``*loss*`` and ``*error*`` are, others are not."""
+    lowered = objective.lower()
+    return "min" if ("loss" in lowered or "error" in lowered) else "max"
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def resolve_card_path(exp: str | Path, experiments_dir: Path | None = None) -> Path:
+    """Find a card by name (``experiments/<name>.yaml``) or by path.
+
+    Args:
+        exp: A card name or a path to a YAML file.
+        experiments_dir: Where named cards live. Defaults to ``./experiments``.
+
+    Returns:
+        The path of the card.
+
+    Raises:
+        ConfigError: When no such card exists; the message lists the cards that do.
+    """
+    experiments_dir = experiments_dir or DEFAULT_EXPERIMENTS_DIR
+    text = str(exp)
+    candidate = Path(text)
+    looks_like_path = text.endswith((".yaml", ".yml")) or "/" in text or "\\" in text
+    if looks_like_path:
+        if candidate.is_file():
+            return candidate
+        raise ConfigError(f"experiment card not found: {text!r} is not a file.", field="EXP")
+    for suffix in (".yaml", ".yml"):
+        named = experiments_dir / f"{text}{suffix}"
+        if named.is_file():
+            return named
+    known = available_cards(experiments_dir)
+    listing = ", ".join(known) if known else f"none in {experiments_dir}/"
+    raise ConfigError(
+        f"unknown experiment {text!r}. Cards that exist: {listing}. "
+        "Give a card name from experiments/ or a path to a YAML file.",
+        field="EXP",
+    )
+
+
+def available_cards(experiments_dir: Path | None = None) -> list[str]:
+    """Names of the cards in ``experiments/``."""
+    experiments_dir = experiments_dir or DEFAULT_EXPERIMENTS_DIR
+    if not experiments_dir.is_dir():
+        return []
+    return sorted(p.stem for p in experiments_dir.glob("*.y*ml") if p.suffix in (".yaml", ".yml"))
+
+
+def parse_overrides(pairs: list[str] | None) -> list[tuple[str, Any]]:
+    """Parse ``dotted.key=value`` strings; each value is read as a YAML scalar.
+
+    Args:
+        pairs: Strings such as ``tuner.max_trials=2``. Defaults to none.
+
+    Returns:
+        ``(dotted_key, value)`` pairs.
+
+    Raises:
+        ConfigError: When a pair has no ``=`` or its key or value is malformed.
+    """
+    result = []
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+            raise ConfigError(
+                f"--set expects dotted.key=value, for example tuner.max_trials=2. Received: {pair!r}",
+                field="--set",
+            )
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: the value {raw!r} is not valid YAML ({_first_line(exc)})", field=key) from None
+        result.append((key, value))
+    return result
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Set each dotted key in a copy of the raw card."""
+    import copy
+
+    card = copy.deepcopy(raw)
+    for key, value in overrides:
+        node = card
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if part == "strategy" and isinstance(child, str):
+                child = {"name": child}  # strategy shorthand
+            if child is None:
+                child = {}
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"--set {key}: {part!r} holds {child!r}, not a section with fields", field=key
+                )
+            node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return card
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def read_card(path: Path) -> dict[str, Any]:
+    """Read a card's YAML safely: tags such as ``!!python/object`` are errors."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the card ({exc.strerror})", field="EXP") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the card is not UTF-8 text (is it a binary file?)", field="EXP") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: the card is not text (it contains NUL bytes)", field="EXP")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or _first_line(exc)
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}", field="EXP") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: malformed YAML: nesting too deep", field="EXP") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the card is empty; it needs at least a data: section", field="EXP")
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: a card must be a mapping of sections (name, seed, data, space, tuner, "
+            f"train, strategy, tracking). Received: a {type(raw).__name__}",
+            field="EXP",
+        )
+    return raw
+
+
+def validate(raw: dict[str, Any], default_name: str = "experiment") -> ExperimentConfig:
+    """Validate a raw card.
+
+    Args:
+        raw: The card as parsed YAML.
+        default_name: The name used when the card has none. Defaults to ``"experiment"``.
+
+    Returns:
+        The validated card.
+
+    Raises:
+        ConfigError: Naming the first bad field, the value received and what is accepted.
+    """
+    bad_keys = [k for k in raw if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"card keys must be names. Received: {bad_keys[0]!r}", field=str(bad_keys[0]))
+    raw = dict(raw)
+    raw.setdefault("name", default_name)
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise _translate(exc) from None
+
+
+def load_config(
+    exp: str | Path,
+    overrides: list[str] | None = None,
+    experiments_dir: Path | None = None,
+) -> ExperimentConfig:
+    """Load, override and validate a card.
+
+    Args:
+        exp: A card name from ``experiments/`` or a path to a YAML file.
+        overrides: ``dotted.key=value`` strings, applied in order. Defaults to none.
+        experiments_dir: Where named cards live. Defaults to ``./experiments``.
+
+    Returns:
+        The validated card.
+
+    Raises:
+        ConfigError: For any problem with the card or the overrides.
+    """
+    path = resolve_card_path(exp, experiments_dir)
+    raw = read_card(path)
+    raw = apply_overrides(raw, parse_overrides(overrides))
+    default_name = path.stem if NAME_PATTERN.fullmatch(path.stem) else "experiment"
+    return validate(raw, default_name=default_name)
+
+
+def _translate(exc: ValidationError) -> ConfigError:
+    """Turn pydantic's first error into one message: field, value received, what is accepted."""
+    err = exc.errors(include_url=False)[0]
+    loc = [str(p) for p in err["loc"]]
+    # Drop pydantic's union-branch labels ("Range", "list[...]", "function-after[...]").
+    loc = [p for p in loc if not ("[" in p or p in ("Range", "str", "int", "float", "bool"))]
+    field = ".".join(loc) or "card"
+    kind = err["type"]
+    value = err.get("input")
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if kind == "extra_forbidden":
+        parent = ".".join(loc[:-1])
+        known = _known_fields(parent)
+        accepted = f" Accepted fields{' in ' + parent if parent else ''}: {', '.join(known)}." if known else ""
+        return ConfigError(f"{field}: unknown field (is it a typo?).{accepted}", field=field)
+    if kind == "missing":
+        return ConfigError(f"{field}: this field is required", field=field)
+    shown = _short(value)
+    if "Received" in msg:
+        return ConfigError(f"{field}: {msg}", field=field)
+    return ConfigError(f"{field}: {msg}. Received: {shown}", field=field)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _known_fields(dotted: str) -> list[str]:
+    model: type[BaseModel] = ExperimentConfig
+    for part in [p for p in dotted.split(".") if p]:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)

@@ -1,0 +1,141 @@
+"""HyperModels that build and compile Keras models from a trial's hyperparameters."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+import keras_tuner as kt
+import numpy as np
+
+from toolkit import space as blocks
+from toolkit.config import SpaceConfig, TrainConfig
+
+
+def auto_steps_per_execution(n_train: int, batch_size: int, setting: int | str = "auto") -> int:
+    """Steps run per ``tf.function`` call.
+
+    Small models are bound by per-step Python and dispatch overhead, so running several steps per
+    call is faster and changes no update: the same batches meet the same weights in the same order.
+
+    Args:
+        n_train: Training samples.
+        batch_size: The global batch.
+        setting: The card's value: an int, or ``"auto"``. Defaults to ``"auto"``.
+
+    Returns:
+        The number of steps per execution.
+    """
+    if setting != "auto":
+        return int(setting)
+    steps = max(1, math.ceil(n_train / batch_size))
+    # One call per epoch at most; 32 keeps per-epoch callbacks and the last partial batch cheap.
+    return max(1, min(32, steps))
+
+
+def auto_jit_compile(params_estimate: int, setting: bool | str = "auto") -> bool:
+    """XLA pays off only for compute-bound models; on tiny ones it costs compile time."""
+    if setting != "auto":
+        return bool(setting)
+    return params_estimate >= 1_000_000
+
+
+class MLPHyperModel(kt.HyperModel):
+    """A multilayer perceptron over flattened inputs, standardized inside the model.
+
+    Args:
+        space: The card's search space.
+        input_shape: The shape of one sample.
+        task: ``"classification"`` or ``"regression"``.
+        n_classes: The number of classes (classification only). Defaults to 0.
+        mean: Per-feature means of the training split, for the ``Normalization`` layer.
+        variance: Per-feature variances of the training split.
+        train: The card's training section. Defaults to ``TrainConfig()``.
+        n_train: Training samples, used to choose ``steps_per_execution``. Defaults to 1000.
+    """
+
+    def __init__(
+        self,
+        space: SpaceConfig,
+        input_shape: tuple[int, ...],
+        task: str,
+        n_classes: int = 0,
+        mean: np.ndarray | None = None,
+        variance: np.ndarray | None = None,
+        train: TrainConfig | None = None,
+        n_train: int = 1000,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.space = space
+        self.input_shape = tuple(input_shape)
+        self.task = task
+        self.n_classes = n_classes
+        self.mean = mean
+        self.variance = variance
+        self.train = train or TrainConfig()
+        self.n_train = n_train
+
+    def build(self, hp: kt.HyperParameters) -> keras.Model:
+        n_layers = blocks.depth(hp, self.space)
+        width = blocks.units(hp, self.space)
+        act = blocks.activation(hp, self.space)
+        reg = blocks.regularizer(hp, self.space)
+        rate = blocks.dropout(hp, self.space)
+        optimizer = blocks.optimizer(hp, self.space)
+
+        inputs = keras.Input(shape=self.input_shape, name="features")
+        x = keras.layers.Flatten(name="flatten")(inputs) if len(self.input_shape) > 1 else inputs
+        if self.mean is not None:
+            # Training-split statistics only: a logged model then serves raw inputs and
+            # validation data never leaks into the scaling.
+            x = keras.layers.Normalization(mean=self.mean, variance=np.maximum(self.variance, 1e-12), name="standardize")(x)
+        for i in range(n_layers):
+            x = keras.layers.Dense(
+                width,
+                activation=blocks.activation_fn(act),
+                kernel_regularizer=reg,
+                kernel_initializer=_initializer(act),
+                name=f"dense_{i}",
+            )(x)
+            if rate > 0:
+                x = keras.layers.Dropout(rate, name=f"dropout_{i}")(x)
+        # The output layer stays float32 under mixed precision for a stable softmax and loss.
+        if self.task == "classification":
+            outputs = keras.layers.Dense(self.n_classes, activation="softmax", dtype="float32", name="output")(x)
+            loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]
+        else:
+            dense = keras.layers.Dense(1, dtype="float32", name="output_dense")(x)
+            outputs = keras.layers.Reshape((), name="output")(dense)
+            loss, metrics = "mse", ["mae"]
+        model = keras.Model(inputs, outputs, name="mlp")
+        n_params = model.count_params()
+        model.compile(
+            optimizer=optimizer,
+            loss=loss,
+            metrics=metrics,
+            steps_per_execution=auto_steps_per_execution(self.n_train, self.train.batch_size, self.train.steps_per_execution),
+            jit_compile=auto_jit_compile(n_params, self.train.jit_compile),
+        )
+        return model
+
+
+def _initializer(activation: str) -> str:
+    # He initialization suits the ReLU family; Glorot suits saturating and linear units.
+    return "he_normal" if activation in ("relu", "elu", "leaky_relu", "gelu", "swish") else "glorot_uniform"
+
+
+def build_hypermodel(cfg: Any, dataset: Any) -> MLPHyperModel:
+    """The HyperModel for a card and its resolved dataset."""
+    mean, variance = dataset.feature_stats()
+    return MLPHyperModel(
+        cfg.space,
+        dataset.input_shape,
+        dataset.task,
+        n_classes=dataset.n_classes,
+        mean=mean,
+        variance=variance,
+        train=cfg.train,
+        n_train=len(dataset.x_train),
+    )
