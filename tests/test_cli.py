@@ -1,0 +1,66 @@
+"""The CLI contract: exit codes, one clear message, no traceback, no MLflow run on bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+
+def toolkit(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: int = 120) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "toolkit.cli", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout)
+
+
+def no_runs_created(store_dir: Path) -> bool:
+    """A bad card must not even create the store, let alone a run."""
+    db = store_dir / "mlflow.db"
+    if not db.exists():
+        return True
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    return not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["tune", "quickstart", "--set", "space.activation=relux"], "space.activation: unknown activation 'relux'"),
+        (["tune", "quickstart", "--set", "tuner.max_trials=0"], "tuner.max_trials"),
+        (["tune", "quickstart", "--set", "spaace.depth=2"], "spaace: unknown field"),
+        (["tune", "quickstart", "--set", "strategy=warp"], "strategy.name"),
+        (["tune", "no_such_card"], "unknown experiment 'no_such_card'. Cards that exist:"),
+        (["tune", "quickstart", "--set", "oops"], "--set expects dotted.key=value"),
+        (["tune", "quickstart", "--set", "tuner.objective=val_acuracy"], "tuner.objective: 'val_acuracy' is not a metric"),
+        (["tune", "quickstart", "--workers", "-1"], "--workers must be 0 or more"),
+        (["validate", "quickstart", "--set", "train.epochs=-3"], "train.epochs"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_card_or_usage_exits_2_with_one_message_and_no_run(tmp_path, args, message):
+    store = tmp_path / "store"
+    store.mkdir()
+    proc = toolkit(*args, env={"MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"})
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert no_runs_created(store)
+
+
+def test_validate_prints_the_resolved_card():
+    proc = toolkit("validate", "quickstart", "--set", "train.epochs=7")
+    assert proc.returncode == 0, proc.stderr
+    assert "epochs: 7" in proc.stdout
+    assert "objective val_accuracy (max)" in proc.stderr
+
+
+def test_help_is_fast_and_lists_commands():
+    proc = toolkit("--help")
+    assert proc.returncode == 0
+    for command in ("tune", "validate", "datasets", "report"):
+        assert command in proc.stdout

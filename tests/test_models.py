@@ -1,0 +1,57 @@
+"""The MLP HyperModel builds and trains one step for every activation × optimizer."""
+
+from __future__ import annotations
+
+import itertools
+
+import keras
+import keras_tuner as kt
+import numpy as np
+import pytest
+
+from toolkit.config import ACTIVATIONS, OPTIMIZERS, validate
+from toolkit.models import MLPHyperModel, auto_steps_per_execution
+
+
+def hypermodel(task="classification", **space):
+    cfg = validate({"name": "t", "data": {"source": "iris"}, "space": {"depth": 2, "units": 8, **space}})
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    return MLPHyperModel(cfg.space, (4,), task, n_classes=3, mean=x.mean(0), variance=x.var(0), train=cfg.train, n_train=32), x
+
+
+@pytest.mark.parametrize("activation, optimizer", list(itertools.product(ACTIVATIONS, OPTIMIZERS)))
+def test_every_activation_and_optimizer_builds_and_trains_one_step(activation, optimizer):
+    hm, x = hypermodel(activation=activation, optimizer=optimizer, learning_rate=0.01, l1=1e-5, l2=1e-4)
+    model = hm.build(kt.HyperParameters())
+    y = np.arange(32) % 3
+    before = [w.copy() for w in model.get_weights()]
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    after = model.get_weights()
+    assert any(not np.allclose(a, b) for a, b in zip(before, after)), "one step must change the weights"
+    assert model.layers[-1].activation.__name__ == "softmax"
+    assert model.loss == "sparse_categorical_crossentropy"
+    keras.backend.clear_session()
+
+
+def test_regression_head_is_linear_with_mse_and_mae():
+    hm, x = hypermodel(task="regression")
+    model = hm.build(kt.HyperParameters())
+    y = x.sum(axis=1)
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert model.loss == "mse"
+    assert "mae" in history.history
+    assert model.predict(x, verbose=0).shape == (32,)
+
+
+def test_depth_and_units_shape_the_network():
+    hm, _ = hypermodel(depth=3, units=5)
+    model = hm.build(kt.HyperParameters())
+    dense = [layer for layer in model.layers if layer.name.startswith("dense_")]
+    assert [layer.units for layer in dense] == [5, 5, 5]
+
+
+def test_steps_per_execution_auto_never_exceeds_an_epoch():
+    assert auto_steps_per_execution(1437, 64) == 23
+    assert auto_steps_per_execution(60000, 64) == 32
+    assert auto_steps_per_execution(10, 64) == 1
+    assert auto_steps_per_execution(1437, 64, 4) == 4
