@@ -274,6 +274,26 @@ class SearchTracker:
         self.client.set_terminated(run_id, status=status)
         self.open_runs.discard(run_id)
 
+    def log_data_summary(self, dataset: Any) -> None:
+        """On the parent run: the data's task, sizes and digest as tags, and for classification
+        the label encoding as ``class_names.json`` (class index → original label).
+
+        Tags and an artifact rather than params, because a resumed search may log them again
+        and MLflow refuses to change a param's value.
+        """
+        tags = {
+            "toolkit.data.source": dataset.source,
+            "toolkit.data.task": dataset.task,
+            "toolkit.data.digest": dataset.digest,
+            "toolkit.data.input_shape": json.dumps(list(dataset.input_shape)),
+            **{f"toolkit.data.n_{split}": str(n) for split, n in dataset.sizes.items()},
+        }
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.parent_run_id, tags=[RunTag(key, value[:5000]) for key, value in tags.items()])
+        if dataset.class_names:
+            self.client.log_dict(self.parent_run_id, dict(enumerate(dataset.class_names)), "class_names.json")
+
     def log_dataset(self, run_id: str, dataset: Any, context: str = "training") -> None:
         """Record a split with MLflow's dataset tracking: name, source and digest."""
         import mlflow.data

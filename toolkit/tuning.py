@@ -237,6 +237,9 @@ def run_search(cfg: ExperimentConfig, fresh: bool = False, on_trial: Callable[[T
     uri = uri or tracking.tracking_uri(cfg)
     # Everything that can reject the card happens before the first MLflow call.
     dataset = load_dataset(cfg.data, cfg.seed)
+    # Record the task the data turned out to have (a float target → regression), so the default
+    # objective is val_loss for it and the logged card says which task was trained.
+    cfg.data.task = cfg.data.task or dataset.task
     check_objective(cfg, dataset.task)
     info = make_strategy(cfg.strategy)
     _set_precision(cfg.train.precision)
@@ -259,6 +262,7 @@ def run_search(cfg: ExperimentConfig, fresh: bool = False, on_trial: Callable[[T
     result = SearchResult(cfg.name, cfg.objective, cfg.direction, parent, tracker.ensure_experiment(), resumed=resumed)
     status = "FAILED"
     try:
+        tracker.log_data_summary(dataset)
         hypermodel = build_hypermodel(cfg, dataset)
         tuner = make_tuner(cfg, hypermodel, workdir.parent, workdir.name, overwrite=False, tracker=tracker, strategy_info=info, dataset=dataset, card=cfg, on_trial=on_trial)
         if resumed:
