@@ -1,0 +1,446 @@
+"""Diagnostics of the essay's concepts, measured while a trial trains, and a backprop check.
+
+:class:`DiagnosticsCallback` looks at a fixed probe batch once per epoch and records:
+
+- ``grad_norm/<layer>``: the L2 norm of the loss gradient for each Dense kernel. The gradient is
+  that of the *data* loss only: a regularization penalty adds a term local to each layer that
+  never vanishes, and would hide the vanishing that the chain rule produces.
+- ``grad_ratio_first_last``: the first Dense layer's gradient norm over the last one's. Near zero
+  means the gradient vanished on its way back through the layers.
+- ``dead_relu/<layer>``: for hidden layers with a ReLU-family activation, the share of units
+  whose output is ``<= 0`` for every probe sample (for ``relu`` that is exactly 0: the unit
+  passes no gradient for any of them).
+- ``weight_l1/<layer>`` and ``weight_l2/<layer>``: the kernel's L1 norm and L2 (Frobenius) norm.
+- ``gap_loss`` = ``val_loss - loss`` and, for classification, ``gap_accuracy`` =
+  ``accuracy - val_accuracy``: positive values mean the model does better on what it trained on.
+
+:func:`gradient_check` compares backpropagation with central finite differences in float64.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+# Activations whose units can switch off: output <= 0 for every input of the probe batch.
+RELU_FAMILY = ("relu", "leaky_relu", "elu", "selu", "gelu", "silu", "swish", "relu6")
+
+# Per-epoch work on the probe batch is a handful of small ops. Run eagerly it costs a few ms an
+# epoch and nothing up front; tracing a tf.function costs a few hundred ms per model, which is
+# more than a short trial can afford (5% of a 3-epoch quickstart trial is ~100 ms). So the
+# callback starts eager and compiles once a trial has run this many epochs, when the trace pays
+# for itself over the epochs that remain.
+COMPILE_AFTER_EPOCHS = 20
+
+
+class DiagnosticsCallback(keras.callbacks.Callback):
+    """Per-epoch diagnostics on a fixed probe batch, logged to an MLflow run with ``step=epoch``.
+
+    The callback holds only plain data (arrays, strings, numbers) until training starts, so it
+    survives the ``copy.deepcopy`` KerasTuner applies to callbacks. The values are also kept in
+    :attr:`history` for use without MLflow.
+
+    Args:
+        x: The probe inputs, e.g. the first 256 training samples.
+        y: The probe targets.
+        uri: The MLflow tracking URI. Defaults to None: nothing is logged to MLflow.
+        run_id: The run to log into. Defaults to None.
+        flush_seconds: Buffered values are sent to MLflow at most this often, and at the end of
+            training, so a fast epoch never waits on the tracking store. Defaults to 10.
+        compile_after: Epochs after which the probe computation is compiled into a
+            ``tf.function``. Defaults to :data:`COMPILE_AFTER_EPOCHS`.
+    """
+
+    def __init__(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        uri: str | None = None,
+        run_id: str | None = None,
+        flush_seconds: float = 10.0,
+        compile_after: int = COMPILE_AFTER_EPOCHS,
+    ) -> None:
+        super().__init__()
+        self.x = np.asarray(x)
+        self.y = np.asarray(y)
+        self.uri = uri
+        self.run_id = run_id
+        self.flush_seconds = flush_seconds
+        self.compile_after = compile_after
+        self.history: dict[str, list[float]] = {}
+        self.seconds = 0.0  # time spent in diagnostics, for the overhead benchmark
+        self._pending: list[tuple[int, dict[str, float]]] = []
+        self._last_flush = 0.0
+        self._probe: _Probe | None = None
+
+    # ------------------------------------------------------------------ Keras hooks
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        started = time.perf_counter()
+        self.history = {}
+        self._pending = []
+        self._last_flush = time.monotonic()
+        try:
+            self._probe = _Probe(self.model, self.x, self.y)
+        except Exception as exc:  # diagnostics must never fail a trial
+            log.warning("diagnostics are off for this model: %s", exc)
+            self._probe = None
+        self.seconds += time.perf_counter() - started
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        started = time.perf_counter()
+        values = gap_metrics(logs or {})
+        if self._probe is not None:
+            if epoch + 1 == self.compile_after:
+                self._probe.compile()
+            try:
+                values.update(self._probe.measure())
+            except Exception as exc:
+                log.warning("diagnostics failed at epoch %d and are off for this trial: %s", epoch, exc)
+                self._probe = None
+        for key, value in values.items():
+            self.history.setdefault(key, []).append(value)
+        self._pending.append((epoch, values))
+        if time.monotonic() - self._last_flush >= self.flush_seconds:
+            self._flush()
+        self.seconds += time.perf_counter() - started
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        started = time.perf_counter()
+        self._flush()
+        # Drop the references to the model's layers: the callback then holds plain data again.
+        self._probe = None
+        self.seconds += time.perf_counter() - started
+
+    # ------------------------------------------------------------------ logging
+
+    def _flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if not self._pending or not (self.uri and self.run_id):
+            self._pending = []
+            return
+        from mlflow.entities import Metric
+
+        from toolkit.tracking import client
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, v, now, step) for step, values in self._pending for k, v in values.items()]
+        self._pending = []
+        try:
+            for i in range(0, len(batch), 1000):
+                client(self.uri).log_batch(self.run_id, metrics=batch[i : i + 1000])
+        except Exception as exc:  # a tracking hiccup must not fail the trial
+            log.warning("could not log diagnostics to run %s: %s", self.run_id, exc)
+
+
+def gap_metrics(logs: dict[str, Any]) -> dict[str, float]:
+    """The train/validation gaps from one epoch's Keras logs.
+
+    Args:
+        logs: Keras' epoch logs.
+
+    Returns:
+        ``gap_loss`` (``val_loss - loss``) and ``gap_accuracy`` (``accuracy - val_accuracy``)
+        where both sides are present. Positive values mean the model fits the training data
+        better than the validation data.
+    """
+    out = {}
+    pairs = {"gap_loss": ("val_loss", "loss"), "gap_accuracy": ("accuracy", "val_accuracy")}
+    for name, (a, b) in pairs.items():
+        if a in logs and b in logs:
+            value = float(logs[a]) - float(logs[b])
+            if math.isfinite(value):
+                out[name] = value
+    return out
+
+
+class _Probe:
+    """The per-model part of the diagnostics: the layer plan and the computation on the probe.
+
+    The forward pass is replayed layer by layer so that every Dense layer's output is at hand
+    for the dead-unit count. Dense layers are computed from their variables in float32 (under
+    mixed precision the diagnostics stay in full precision); other layers are called as they
+    are, in inference mode. A model that is not a single chain of layers gets gradient and
+    weight norms from one whole-model call, without dead-unit counts.
+    """
+
+    def __init__(self, model: keras.Model, x: np.ndarray, y: np.ndarray) -> None:
+        self.model = model
+        self.x = tf.constant(x)
+        self.y = tf.constant(y)
+        self.loss_fn = _loss_fn(model)
+        self.dense = [layer for layer in _flat_layers(model) if isinstance(layer, keras.layers.Dense)]
+        if not self.dense:
+            raise ValueError("the model has no Dense layer to diagnose")
+        self.chain = _chain_layers(model)
+        names = [layer.name for layer in self.dense]
+        self.hidden = [layer for layer in self.dense[:-1] if _activation_name(layer) in RELU_FAMILY] if self.chain else []
+        # The order of the values _compute returns; names are fixed per model.
+        self.keys = (
+            [f"grad_norm/{n}" for n in names]
+            + [f"weight_l1/{n}" for n in names]
+            + [f"weight_l2/{n}" for n in names]
+            + [f"dead_relu/{layer.name}" for layer in self.hidden]
+        )
+        self._fn = self._compute
+
+    def compile(self) -> None:
+        """Trace the computation once; later epochs run it as a graph."""
+        self._fn = tf.function(self._compute, reduce_retracing=True)
+
+    def measure(self) -> dict[str, float]:
+        numbers = self._fn().numpy().astype("float64")
+        values = dict(zip(self.keys, (float(v) for v in numbers), strict=True))
+        first, last = numbers[0], numbers[len(self.dense) - 1]
+        if last > 0 and math.isfinite(first):
+            values["grad_ratio_first_last"] = float(first / last)
+        return values
+
+    def _forward(self) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """The model's output on the probe and the outputs of the hidden ReLU-family layers."""
+        if not self.chain:
+            return tf.cast(self.model(self.x, training=False), tf.float32), []
+        wanted = {id(layer) for layer in self.hidden}
+        hidden_out = []
+        h = self.x
+        for layer in self.chain:
+            if isinstance(layer, keras.layers.Dense):
+                h = tf.cast(h, tf.float32)
+                z = tf.matmul(h, tf.cast(layer.kernel, tf.float32))
+                if layer.use_bias:
+                    z = z + tf.cast(layer.bias, tf.float32)
+                h = layer.activation(z)
+                if id(layer) in wanted:
+                    hidden_out.append(h)
+            else:
+                h = layer(h, training=False)
+        return tf.cast(h, tf.float32), hidden_out
+
+    def _compute(self) -> tf.Tensor:
+        kernels = [layer.kernel for layer in self.dense]
+        with tf.GradientTape() as tape:
+            output, hidden_out = self._forward()
+            loss = self.loss_fn(self.y, output)
+        grads = tape.gradient(loss, kernels)
+        parts = [tf.norm(tf.cast(g, tf.float32)) if g is not None else tf.constant(float("nan")) for g in grads]
+        parts += [tf.reduce_sum(tf.abs(tf.cast(k, tf.float32))) for k in kernels]
+        parts += [tf.norm(tf.cast(k, tf.float32)) for k in kernels]
+        parts += [tf.reduce_mean(tf.cast(tf.reduce_all(h <= 0, axis=0), tf.float32)) for h in hidden_out]
+        # One tensor, so reading the values back is one device-to-host copy.
+        return tf.stack(parts)
+
+
+def _flat_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """Every layer, with nested models opened, in the order they were added."""
+    out = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            out.extend(_flat_layers(layer))
+        else:
+            out.append(layer)
+    return out
+
+
+def _chain_layers(model: keras.Model) -> list[keras.layers.Layer] | None:
+    """The model's layers if data flows through them one after another, else None.
+
+    A Sequential model is a chain. A functional model is one when each layer's single input is
+    the previous layer's output, which its config records.
+    """
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    if any(isinstance(layer, keras.Model) for layer in layers):
+        return None
+    if isinstance(model, keras.Sequential):
+        return layers
+    try:
+        config = model.get_config()
+        if len(model.inputs) != 1 or len(model.outputs) != 1:
+            return None
+    except Exception:  # a subclassed model has no config and no graph to follow
+        return None
+    previous = None
+    order = []
+    for entry in config.get("layers", []):
+        if entry.get("class_name") == "InputLayer":
+            previous = entry["name"]
+            continue
+        nodes = entry.get("inbound_nodes") or []
+        if len(nodes) != 1 or _history_names(nodes[0]) != [previous]:
+            return None
+        previous = entry["name"]
+        order.append(previous)
+    return layers if layers and order == [layer.name for layer in layers] else None
+
+
+def _history_names(node: Any) -> list[str]:
+    """The names of the layers whose outputs feed one inbound node of a functional config."""
+    found: list[str] = []
+
+    def walk(item: Any) -> None:
+        if isinstance(item, dict):
+            if item.get("class_name") == "__keras_tensor__":
+                found.append(item["config"]["keras_history"][0])
+                return
+            for value in item.values():
+                walk(value)
+        elif isinstance(item, (list, tuple)):
+            for value in item:
+                walk(value)
+
+    walk(node)
+    return found
+
+
+def _activation_name(layer: keras.layers.Layer) -> str:
+    fn = getattr(layer, "activation", None)
+    return getattr(fn, "__name__", "") if fn is not None else ""
+
+
+def _loss_fn(model: keras.Model, dtype: Any = tf.float32) -> Any:
+    """The model's compiled loss as ``(y_true, y_pred) -> scalar``, computed in ``dtype``.
+
+    A ``keras.losses.Loss`` casts to its own dtype (float32) in ``__call__``; calling its
+    ``call`` keeps the dtype of the inputs, which the float64 gradient check needs.
+    """
+    identifier = getattr(model, "loss", None)
+    if identifier is None:
+        raise ValueError("the model is not compiled with a loss; compile it or pass loss=")
+    fn = keras.losses.get(identifier)
+    if fn is None:
+        raise ValueError(f"unsupported loss {identifier!r}: give a single loss name, function or Loss")
+    if isinstance(fn, keras.losses.Loss):
+        return lambda y_true, y_pred: tf.reduce_mean(tf.cast(fn.call(y_true, y_pred), dtype))
+    return lambda y_true, y_pred: tf.reduce_mean(tf.cast(fn(y_true, y_pred), dtype))
+
+
+# ---------------------------------------------------------------------------- gradient check
+
+
+def gradient_check(
+    model: keras.Model,
+    x: np.ndarray,
+    y: np.ndarray,
+    loss: Any = None,
+    epsilon: float = 1e-6,
+    max_checks: int = 200,
+    seed: int = 0,
+) -> float:
+    """Compare backpropagation with central finite differences, in float64.
+
+    The model is rebuilt from its config with every layer in float64 and given the same
+    weights, so that rounding does not mask a wrong gradient. For each checked weight ``w``,
+    the numerical derivative is ``(L(w + eps) - L(w - eps)) / (2 eps)``; backprop is correct
+    when the two agree to about ``1e-7`` relative error. Both include the model's regularization
+    penalties. Dropout and other training-only layers run in inference mode.
+
+    Args:
+        model: A functional or Sequential Keras model whose layers have ``get_config``.
+        x: Inputs, a small batch (a few dozen samples is plenty).
+        y: Targets.
+        loss: A loss name, function or ``keras.losses.Loss``. Defaults to the model's compiled loss.
+        epsilon: The finite-difference step. Defaults to 1e-6.
+        max_checks: At most this many weights are checked, chosen at random with every variable
+            represented. Defaults to 200.
+        seed: Seeds the choice of weights. Defaults to 0.
+
+    Returns:
+        The largest relative error over the model's variables, each measured on its checked
+        entries as ``||g_bp - g_fd|| / (||g_bp|| + ||g_fd||)``: a norm-based error, because one
+        near-zero entry would make an entry-wise ratio meaningless. A correct gradient gives
+        about 1e-8 or less; a wrong one gives 1e-2 or more.
+
+    Raises:
+        ValueError: When the model has no loss or cannot be rebuilt in float64.
+    """
+    clone = _float64_clone(model)
+    loss_model = model if loss is None else _LossHolder(loss)
+    loss_fn = _loss_fn(loss_model, dtype=tf.float64)
+    x64 = tf.constant(np.asarray(x, dtype="float64"))
+    y_arr = np.asarray(y)
+    y64 = tf.constant(y_arr if y_arr.dtype.kind in "iu" else y_arr.astype("float64"))
+    variables = clone.trainable_variables
+
+    # Traced once: the finite differences then cost one graph call per evaluation.
+    @tf.function
+    def total_loss() -> tf.Tensor:
+        value = loss_fn(y64, clone(x64, training=False))
+        penalties = [tf.cast(p, tf.float64) for p in clone.losses]
+        return value + tf.add_n(penalties) if penalties else value
+
+    with tf.GradientTape() as tape:
+        value = total_loss()
+    grads = tape.gradient(value, variables)
+
+    rng = np.random.default_rng(seed)
+    per_var = max(1, max_checks // max(1, len(variables)))
+    worst = 0.0
+    for var, grad in zip(variables, grads, strict=True):
+        analytic = np.zeros(var.shape) if grad is None else np.asarray(grad, dtype="float64")
+        flat = np.array(var.numpy(), dtype="float64").reshape(-1)
+        picks = rng.choice(flat.size, size=min(flat.size, per_var), replace=False)
+        numeric = np.empty(len(picks))
+        for j, i in enumerate(picks):
+            original = flat[i]
+            sides = []
+            for sign in (1.0, -1.0):
+                flat[i] = original + sign * epsilon
+                var.assign(flat.reshape(var.shape))
+                sides.append(float(total_loss()))
+            flat[i] = original
+            numeric[j] = (sides[0] - sides[1]) / (2 * epsilon)
+        var.assign(flat.reshape(var.shape))
+        backprop = analytic.reshape(-1)[picks]
+        scale = np.linalg.norm(backprop) + np.linalg.norm(numeric)
+        if scale > 1e-12:
+            worst = max(worst, float(np.linalg.norm(backprop - numeric) / scale))
+    return worst
+
+
+class _LossHolder:
+    """Lets an explicit ``loss=`` go through the same path as a compiled one."""
+
+    def __init__(self, loss: Any) -> None:
+        self.loss = loss
+
+
+def _float64_clone(model: keras.Model) -> keras.Model:
+    """The same model, every layer in float64, with the original's weights."""
+    try:
+        config = model.get_config()
+    except Exception as exc:
+        raise ValueError(f"gradient_check needs a model that can be rebuilt from its config: {exc}") from None
+    config = _to_float64(config)
+    try:
+        clone = model.__class__.from_config(config)
+    except Exception as exc:
+        raise ValueError(f"gradient_check could not rebuild the model in float64: {exc}") from None
+    clone.set_weights([np.asarray(w, dtype="float64") if np.asarray(w).dtype.kind == "f" else w for w in model.get_weights()])
+    return clone
+
+
+def _to_float64(config: Any) -> Any:
+    """Replace every floating dtype (plain or a dtype policy) in a Keras config with float64."""
+    floating = {"float16", "bfloat16", "float32", "float64", "mixed_float16", "mixed_bfloat16"}
+    if isinstance(config, dict):
+        out = {}
+        for key, value in config.items():
+            if key == "dtype" and isinstance(value, str) and value in floating:
+                out[key] = "float64"
+            elif key == "dtype" and isinstance(value, dict) and value.get("class_name") in ("DTypePolicy", "FloatDTypePolicy"):
+                out[key] = "float64"
+            else:
+                out[key] = _to_float64(value)
+        return out
+    if isinstance(config, list):
+        return [_to_float64(v) for v in config]
+    if isinstance(config, tuple):
+        return tuple(_to_float64(v) for v in config)
+    return config
