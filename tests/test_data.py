@@ -392,6 +392,27 @@ def test_keras_dataset_error_is_not_a_config_error(tmp_path, monkeypatch):
         load_dataset(data("cifar10"))
 
 
+def test_keras_download_failure_behind_a_proxy_is_also_clean_and_fast(tmp_path, monkeypatch):
+    """With a proxy set the reachability check is skipped; the download itself must fail cleanly."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # the discard port: refused at once
+    started = time.perf_counter()
+    with pytest.raises(
+        DatasetUnavailable, match=r"dataset 'mnist' is not cached in .* and could not be downloaded \(URL fetch failure"
+    ):
+        load_dataset(data("mnist"))
+    assert time.perf_counter() - started < 15
+    assert not (tmp_path / "datasets" / "mnist.npz").exists()  # no partial file left behind
+
+
+def test_reachability_check_gives_up_quickly():
+    from toolkit.data import _unreachable
+
+    started = time.perf_counter()
+    assert "nonexistent.invalid" in _unreachable("https://nonexistent.invalid/", timeout=0.5)  # .invalid never resolves
+    assert time.perf_counter() - started < 3
+
+
 # ---------------------------------------------------------------------------- statistics and pipelines
 
 
@@ -456,7 +477,7 @@ def test_datasets_command_lists_sources_with_sizes_and_tasks_without_tensorflow(
         "code = main(['datasets'])\n"
         "print(json.dumps({'code': code, 'tf': 'tensorflow' in sys.modules}))\n"
     )
-    env = {**os.environ, "KERAS_HOME": str(tmp_path), "COLUMNS": "200"}
+    env = {**os.environ, "KERAS_HOME": str(tmp_path), "COLUMNS": "80"}  # a pipe or CI log: words must not be cut
     started = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     elapsed = time.perf_counter() - started
@@ -467,7 +488,7 @@ def test_datasets_command_lists_sources_with_sizes_and_tasks_without_tensorflow(
     for name, (samples, shape, task, _) in BUILTIN.items():
         row = next(line for line in lines if f" {name} " in line)
         assert str(samples) in row and task in row and str(int(np.prod(shape))) in row
-    assert any("mnist" in line and "70000" in line and "download" in line for line in lines)
+    assert any("mnist" in line and "70000" in line and "keras (11 MB)" in line for line in lines)
     assert elapsed < 30, f"`toolkit datasets` took {elapsed:.1f} s"
 
 
@@ -546,16 +567,3 @@ def test_new_user_regression_csv_with_float_target_trains_on_val_loss(tmp_path, 
     assert "class_names.json" not in [a.path for a in mlflow_client.list_artifacts(parent.info.run_id)]
     card_logged = yaml.safe_load(Path(mlflow_client.download_artifacts(parent.info.run_id, "experiment.yaml")).read_text())
     assert card_logged["data"]["task"] == "regression"
-
-
-def test_keras_download_failure_behind_a_proxy_is_also_clean_and_fast(tmp_path, monkeypatch):
-    """With a proxy set the reachability check is skipped; the download itself must fail cleanly."""
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # the discard port: refused at once
-    started = time.perf_counter()
-    with pytest.raises(
-        DatasetUnavailable, match=r"dataset 'mnist' is not cached in .* and could not be downloaded \(URL fetch failure"
-    ):
-        load_dataset(data("mnist"))
-    assert time.perf_counter() - started < 15
-    assert not (tmp_path / "datasets" / "mnist.npz").exists()  # no partial file left behind

@@ -105,12 +105,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     from toolkit.data import describe_sources
 
-    table = Table(title="data sources (or give a path to a .csv, .npz or .parquet file)")
+    # A light box so the table fits 80 columns (a pipe or CI log) without truncating a word.
+    table = Table(title="data sources (or give a path to a .csv, .npz or .parquet file)", box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("name", "kind", "samples", "features", "task", "classes"):
         table.add_column(column)
     for row in describe_sources():
