@@ -39,6 +39,8 @@ RELU_FAMILY = ("relu", "leaky_relu", "elu", "selu", "gelu", "silu", "swish", "re
 # callback starts eager and compiles once a trial has run this many epochs, when the trace pays
 # for itself over the epochs that remain.
 COMPILE_AFTER_EPOCHS = 20
+# Enough samples for stable norms and dead-unit counts, few enough to cost a few ms an epoch.
+PROBE_SIZE = 256
 
 
 class DiagnosticsCallback(keras.callbacks.Callback):
@@ -80,6 +82,27 @@ class DiagnosticsCallback(keras.callbacks.Callback):
         self._pending: list[tuple[int, dict[str, float]]] = []
         self._last_flush = 0.0
         self._probe: _Probe | None = None
+
+    @classmethod
+    def from_dataset(
+        cls, dataset: Any, uri: str | None = None, run_id: str | None = None, size: int = PROBE_SIZE, seed: int = 0
+    ) -> DiagnosticsCallback:
+        """A callback whose probe batch is a fixed, seeded sample of a dataset's training split.
+
+        Args:
+            dataset: A :class:`toolkit.data.Dataset`.
+            uri: The MLflow tracking URI. Defaults to None.
+            run_id: The trial's run. Defaults to None.
+            size: Probe samples. Defaults to :data:`PROBE_SIZE`.
+            seed: Seeds the choice of samples, so every trial sees the same probe. Defaults to 0.
+
+        Returns:
+            The callback.
+        """
+        n = len(dataset.x_train)
+        # A random sample rather than the first rows: a split may be ordered by class.
+        index = np.sort(np.random.default_rng(seed).choice(n, size=min(n, size), replace=False))
+        return cls(dataset.x_train[index], dataset.y_train[index], uri=uri, run_id=run_id)
 
     # ------------------------------------------------------------------ Keras hooks
 

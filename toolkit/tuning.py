@@ -125,6 +125,10 @@ class TrackedTunerMixin:
     def run_trial(self, trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> Any:
         run_id = self._runs[trial.trial_id]
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), keras.callbacks.TerminateOnNaN(), tracking.EpochLogger(self.tracker.uri, run_id)]
+        if self.card.train.diagnostics:
+            from toolkit.diagnostics import DiagnosticsCallback
+
+            kwargs["callbacks"].append(DiagnosticsCallback.from_dataset(self.dataset, self.tracker.uri, run_id))
         histories = super().run_trial(trial, *args, **kwargs)
         for history in histories if isinstance(histories, list) else [histories]:
             epoch = _nan_epoch(history)
@@ -284,6 +288,10 @@ def run_search(cfg: ExperimentConfig, fresh: bool = False, on_trial: Callable[[T
             tracker.client.set_tag(parent, "toolkit.stopped", result.stopped_reason)
         result.trials = _all_trials(tuner, tracker)
         result.best = _best(result.trials, cfg)
+        if cfg.tracking.report:
+            from toolkit.analysis import log_search_report
+
+            log_search_report(uri, parent, cfg)  # never raises: a report must not fail a search
         status = "FINISHED"
     finally:
         result.seconds = time.perf_counter() - started

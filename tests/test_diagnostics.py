@@ -1,0 +1,200 @@
+"""Diagnostics callback and gradient check on tiny real Keras models (no mocks)."""
+
+from __future__ import annotations
+
+import copy
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from toolkit import DiagnosticsCallback, gradient_check
+from toolkit.diagnostics import _Probe, gap_metrics
+
+
+def _data(n: int = 128, features: int = 6, classes: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features)).astype("float32")
+    y = (x[:, 0] + x[:, 1] > 0).astype("int64") + (x[:, 2] > 1).astype("int64")
+    return x, np.minimum(y, classes - 1)
+
+
+def _mlp(
+    activation: str = "relu", depth: int = 2, units: int = 16, features: int = 6, classes: int = 3, l2: float = 0.0
+) -> keras.Model:
+    inputs = keras.Input((features,))
+    x = keras.layers.Normalization(mean=np.zeros(features), variance=np.ones(features), name="standardize")(inputs)
+    for i in range(depth):
+        reg = keras.regularizers.L2(l2) if l2 else None
+        x = keras.layers.Dense(units, activation=activation, kernel_regularizer=reg, name=f"dense_{i}")(x)
+    outputs = keras.layers.Dense(classes, activation="softmax", name="output")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def test_callback_records_every_diagnostic_per_epoch():
+    x, y = _data()
+    model = _mlp()
+    callback = DiagnosticsCallback(x[:64], y[:64])
+    model.fit(x, y, validation_data=(x, y), epochs=3, batch_size=32, verbose=0, callbacks=[callback])
+
+    history = callback.history
+    expected = {"gap_loss", "gap_accuracy", "grad_ratio_first_last"}
+    for layer in ("dense_0", "dense_1", "output"):
+        expected |= {f"grad_norm/{layer}", f"weight_l1/{layer}", f"weight_l2/{layer}"}
+    expected |= {"dead_relu/dense_0", "dead_relu/dense_1"}
+    assert expected <= set(history)
+    assert "dead_relu/output" not in history  # softmax is not ReLU-family
+    for name in expected:
+        assert len(history[name]) == 3, name
+        assert all(np.isfinite(history[name])), name
+    kernel = model.get_layer("dense_0").kernel.numpy()
+    assert history["weight_l2/dense_0"][-1] == pytest.approx(np.linalg.norm(kernel), rel=1e-5)
+    assert history["weight_l1/dense_0"][-1] == pytest.approx(np.abs(kernel).sum(), rel=1e-5)
+    ratio = history["grad_norm/dense_0"][-1] / history["grad_norm/output"][-1]
+    assert history["grad_ratio_first_last"][-1] == pytest.approx(ratio, rel=1e-5)
+
+
+def test_replayed_forward_pass_matches_the_model_and_its_gradients():
+    x, y = _data()
+    model = _mlp(activation="tanh", depth=3)
+    probe = _Probe(model, x, y)
+    assert probe.chain is not None
+    output, _ = probe._forward()
+    np.testing.assert_allclose(output.numpy(), model(x, training=False).numpy(), rtol=1e-5, atol=1e-6)
+
+    kernel = model.get_layer("dense_0").kernel
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, model(x, training=False)))
+    expected = float(tf.norm(tape.gradient(loss, kernel)))
+    assert probe.measure()["grad_norm/dense_0"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_compiled_probe_gives_the_eager_values():
+    x, y = _data()
+    probe = _Probe(_mlp(), x, y)
+    eager = probe.measure()
+    probe.compile()
+    compiled = probe.measure()
+    assert compiled.keys() == eager.keys()
+    for key, value in eager.items():
+        assert compiled[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+
+
+def test_dead_relu_counts_units_silent_for_every_probe_sample():
+    x, y = _data()
+    model = _mlp(depth=2, units=8)
+    layer = model.get_layer("dense_0")
+    bias = np.zeros(8, dtype="float32")
+    bias[:6] = -1e3  # these six units can never fire
+    layer.bias.assign(bias)
+    values = _Probe(model, x, y).measure()
+    assert values["dead_relu/dense_0"] == pytest.approx(6 / 8)
+
+
+def test_sigmoid_gradient_vanishes_where_relu_does_not():
+    x, y = _data(n=256)
+    ratios = {}
+    for activation in ("sigmoid", "relu"):
+        keras.utils.set_random_seed(0)
+        model = _mlp(activation=activation, depth=8, units=32)
+        ratios[activation] = _Probe(model, x, y).measure()["grad_ratio_first_last"]
+    assert ratios["sigmoid"] < 0.01
+    assert ratios["relu"] > 10 * ratios["sigmoid"]
+
+
+def test_callback_survives_deepcopy_before_and_after_training():
+    x, y = _data()
+    callback = DiagnosticsCallback(x[:32], y[:32], uri="sqlite:///nowhere.db", run_id="abc")
+    clone = copy.deepcopy(callback)
+    assert clone.run_id == "abc" and clone.uri == "sqlite:///nowhere.db"
+    clone.uri = None  # train without MLflow
+    model = _mlp()
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[clone])
+    assert clone._probe is None  # the model's layers are released at the end of training
+    copy.deepcopy(clone)
+
+
+def test_callback_logs_to_mlflow_with_epoch_steps(store, mlflow_client):
+    x, y = _data()
+    exp = mlflow_client.create_experiment("diag")
+    run = mlflow_client.create_run(exp)
+    model = _mlp()
+    callback = DiagnosticsCallback(x[:64], y[:64], uri=store, run_id=run.info.run_id)
+    model.fit(x, y, validation_data=(x, y), epochs=3, verbose=0, callbacks=[callback])
+
+    steps = [m.step for m in mlflow_client.get_metric_history(run.info.run_id, "grad_norm/dense_0")]
+    assert sorted(steps) == [0, 1, 2]
+    logged = mlflow_client.get_run(run.info.run_id).data.metrics
+    assert {"gap_loss", "gap_accuracy", "grad_ratio_first_last", "dead_relu/dense_1", "weight_l2/output"} <= set(logged)
+
+
+def test_gap_metrics_sign_means_overfitting():
+    gaps = gap_metrics({"loss": 0.2, "val_loss": 0.5, "accuracy": 0.99, "val_accuracy": 0.9})
+    assert gaps["gap_loss"] == pytest.approx(0.3)
+    assert gaps["gap_accuracy"] == pytest.approx(0.09)
+    assert gap_metrics({"loss": 0.2, "mae": 0.1}) == {}
+
+
+# ---------------------------------------------------------------------------- gradient check
+
+
+@keras.saving.register_keras_serializable(package="toolkit_tests")
+class Square(keras.layers.Layer):
+    """x² with a hand-written gradient; ``wrong=True`` makes it 3x instead of 2x."""
+
+    def __init__(self, wrong: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.wrong = wrong
+
+    def call(self, inputs):
+        factor = 3.0 if self.wrong else 2.0
+
+        @tf.custom_gradient
+        def square(t):
+            def grad(upstream):
+                return upstream * tf.cast(factor, t.dtype) * t
+
+            return t * t, grad
+
+        return square(inputs)
+
+    def get_config(self):
+        return {**super().get_config(), "wrong": self.wrong}
+
+
+def _custom_model(wrong: bool) -> keras.Model:
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((4,))
+    x = keras.layers.Dense(5, activation="tanh")(inputs)
+    x = Square(wrong=wrong)(x)
+    outputs = keras.layers.Dense(3, activation="softmax")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    return model
+
+
+def test_gradient_check_passes_on_an_mlp():
+    x, y = _data(n=16)
+    keras.utils.set_random_seed(0)
+    model = _mlp(activation="tanh", depth=2, units=8, l2=1e-3)
+    error = gradient_check(model, x, y)
+    assert error < 1e-6
+
+
+def test_gradient_check_catches_a_wrong_custom_gradient():
+    x, y = _data(n=16, features=4)
+    assert gradient_check(_custom_model(wrong=False), x, y) < 1e-6
+    assert gradient_check(_custom_model(wrong=True), x, y) > 1e-2
+
+
+def test_gradient_check_leaves_the_model_untouched():
+    x, y = _data(n=16)
+    model = _mlp(activation="tanh", depth=1, units=4)
+    before = [w.copy() for w in model.get_weights()]
+    gradient_check(model, x, y, max_checks=20)
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert b.dtype == np.float32
