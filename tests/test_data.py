@@ -21,7 +21,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from toolkit.config import DataConfig
+from toolkit.config import ConfigError, DataConfig, validate
 from toolkit.data import (
     DataError,
     DatasetUnavailable,
@@ -110,10 +110,28 @@ def test_synthetic_sources_take_their_generator_options():
     [
         (
             {"source": "moons", "n_classes": 3},
-            r"data\.n_classes: not used by 'moons', so it would be ignored\. Options 'moons' takes: n_samples, noise",
+            r"data\.n_classes: not used by 'moons', so it would be ignored\. Options it takes: n_samples, noise\. Received: 3",
         ),
-        ({"source": "digits", "n_samples": 100}, r"data\.n_samples: not used by 'digits'.*none besides task"),
+        (
+            {"source": "digits", "n_samples": 100},
+            r"data\.n_samples: not used by 'digits'.*none besides validation_split, test_split and task",
+        ),
         ({"source": "iris", "target": "species"}, r"data\.target: not used by 'iris'"),
+        (
+            {"source": "my.csv", "target": "y", "n_samples": 10},
+            r"data\.n_samples: not used by a \.csv file.*Options it takes: target, features",
+        ),
+        ({"source": "my.npz", "target": "y"}, r"data\.target: not used by a \.npz file"),
+    ],
+)
+def test_options_a_source_would_ignore_are_card_errors_before_any_data_loads(options, message):
+    with pytest.raises(ConfigError, match=message):
+        validate({"name": "t", "data": options})
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
         (
             {"source": "friedman", "task": "classification"},
             r"data\.task: 'friedman' is a regression dataset\. Received: 'classification'",
@@ -121,7 +139,7 @@ def test_synthetic_sources_take_their_generator_options():
         ({"source": "friedman", "n_features": 3}, r"friedman needs at least 5 features\. Received: 3"),
     ],
 )
-def test_options_a_source_would_ignore_are_errors(options, message):
+def test_builtin_sources_reject_what_they_cannot_be(options, message):
     with pytest.raises(DataError, match=message):
         load_dataset(DataConfig(**options))
 
@@ -255,11 +273,6 @@ def test_bad_data_states_the_problem(tmp_path, case):
             {"target": "label", "validation_split": 0.2},
             r"the validation split would hold 2 sample\(s\), fewer than the 3 classes",
         ),
-        (
-            lambda p: labelled_frame().to_csv(p, index=False),
-            {"target": "label", "n_samples": 10},
-            r"data\.n_samples: not used by a CSV/Parquet file",
-        ),
     ],
 )
 def test_more_bad_tables_state_the_problem(tmp_path, make, options, message):
@@ -276,7 +289,6 @@ def test_more_bad_tables_state_the_problem(tmp_path, make, options, message):
         ({"x": np.zeros((4, 2)), "y": np.zeros(5)}, {}, r"x has 4 rows but y has 5"),
         ({"x": np.array([[1.0, np.nan]] * 10), "y": np.arange(10) % 2}, {}, r"array 'x' has 10 missing \(NaN\) value\(s\)"),
         ({"x": np.zeros((10, 2)), "y": np.zeros((10, 2))}, {}, r"'y' must hold one label or target per sample"),
-        ({"x": np.zeros((10, 2)), "y": np.zeros(10)}, {"target": "y"}, r"data\.target: not used by an \.npz file"),
     ],
 )
 def test_bad_npz_states_the_problem(tmp_path, arrays, options, message):
@@ -420,7 +432,6 @@ def test_normalization_uses_training_statistics_only(tmp_path):
     """No leakage: shift the validation rows far away; the model's scaling must not move."""
     import keras_tuner as kt
 
-    from toolkit.config import validate
     from toolkit.models import build_hypermodel
 
     cfg = validate({"name": "t", "data": {"source": "wine"}, "space": {"depth": 1, "units": 4}})

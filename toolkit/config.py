@@ -46,6 +46,17 @@ SYNTHETIC_DATASETS = ("spirals", "moons", "circles", "xor", "friedman")
 KERAS_DATASETS = ("mnist", "fashion_mnist", "cifar10")
 DATASETS = SHIPPED_DATASETS + SYNTHETIC_DATASETS + KERAS_DATASETS
 FILE_SUFFIXES = (".csv", ".npz", ".parquet")
+# The data options each source reads (data.py holds the loaders). Any other one set in a card
+# is an error: a setting that is silently ignored looks as if it worked.
+SOURCE_OPTIONS = {
+    "spirals": ("n_samples", "noise", "n_classes"),
+    "moons": ("n_samples", "noise"),
+    "circles": ("n_samples", "noise"),
+    "xor": ("n_samples", "noise"),
+    "friedman": ("n_samples", "noise", "n_features"),
+    ".csv": ("target", "features"),
+    ".parquet": ("target", "features"),
+}
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 DEFAULT_EXPERIMENTS_DIR = Path("experiments")
@@ -193,6 +204,20 @@ class DataConfig(_Section):
             f"unknown data source {value!r}. Accepted: {', '.join(DATASETS)}, "
             f"or a path to a {'/'.join(FILE_SUFFIXES)} file"
         )
+
+    @field_validator("target", "features", "n_samples", "noise", "n_features", "n_classes")
+    @classmethod
+    def _used_by_source(cls, value: Any, info: ValidationInfo) -> Any:
+        source = info.data.get("source")  # validated first, as it is declared first
+        if value is None or source is None:
+            return value
+        kind = source if source in DATASETS else Path(source).suffix.lower()
+        accepted = SOURCE_OPTIONS.get(kind, ())
+        if info.field_name not in accepted:
+            what = repr(source) if source in DATASETS else f"a {kind} file"
+            takes = ", ".join(accepted) or "none besides validation_split, test_split and task"
+            raise ValueError(f"not used by {what}, so it would be ignored. Options it takes: {takes}. Received: {_short(value)}")
+        return value
 
     @model_validator(mode="after")
     def _check_splits(self) -> DataConfig:

@@ -458,38 +458,6 @@ BUILTIN: dict[str, Callable[[DataConfig, int], Loaded]] = {
 }
 assert set(BUILTIN) == set(SHIPPED_DATASETS + SYNTHETIC_DATASETS + KERAS_DATASETS)
 
-# Which generator options each synthetic source reads; any other one set in a card is an error,
-# because an option that is silently ignored looks like it worked.
-_SYNTHETIC_OPTIONS = {
-    "spirals": ("n_samples", "noise", "n_classes"),
-    "moons": ("n_samples", "noise"),
-    "circles": ("n_samples", "noise"),
-    "xor": ("n_samples", "noise"),
-    "friedman": ("n_samples", "noise", "n_features"),
-}
-_GENERATOR_OPTIONS = ("n_samples", "noise", "n_classes", "n_features")
-
-
-def _check_options(cfg: DataConfig, kind: str) -> None:
-    """Reject card options that the source would ignore."""
-    accepted: tuple[str, ...]
-    if kind == "table":
-        accepted = ("target", "features", "task")
-    elif kind == "npz":
-        accepted = ("task",)
-    else:
-        accepted = ("task", *_SYNTHETIC_OPTIONS.get(cfg.source, ()))
-    for option in ("target", "features", *_GENERATOR_OPTIONS):
-        if getattr(cfg, option) is not None and option not in accepted:
-            what = {"table": "a CSV/Parquet file", "npz": "an .npz file (arrays x and y)"}.get(kind, f"{cfg.source!r}")
-            takes = [o for o in accepted if o != "task"]
-            raise DataError(
-                f"data.{option}: not used by {what}, so it would be ignored. "
-                f"Options {what} takes: {', '.join(takes) if takes else 'none besides task'}",
-                field=f"data.{option}",
-            )
-
-
 # ---------------------------------------------------------------------------- user files
 
 
@@ -717,11 +685,10 @@ def load_dataset(cfg: DataConfig, seed: int = 42) -> Dataset:
         The splits with task, class names and feature names.
 
     Raises:
-        DataError: For bad user data or options a source does not take (exit 2).
+        DataError: For bad user data (exit 2).
         DatasetUnavailable: When a Keras dataset cannot be downloaded (exit 1).
     """
     if cfg.source in BUILTIN:
-        _check_options(cfg, "builtin")
         name, source = cfg.source, cfg.source
         x, y, task, class_names, feature_names = BUILTIN[cfg.source](cfg, seed)
         if cfg.task and cfg.task != task:
@@ -736,10 +703,8 @@ def load_dataset(cfg: DataConfig, seed: int = 42) -> Dataset:
             )
         name, source = path.stem, str(path.resolve())
         if path.suffix.lower() == ".npz":
-            _check_options(cfg, "npz")
             x, y, task, class_names, feature_names = _read_npz(path, cfg)
         else:
-            _check_options(cfg, "table")
             x, y, task, class_names, feature_names = _read_table(path, cfg)
     if len(x) == 0:
         raise DataError(f"{source}: the data has no rows", field="data.source")
