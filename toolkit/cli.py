@@ -126,7 +126,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.workers < 0:
         raise ConfigError(f"--workers must be 0 or more. Received: {args.workers}", field="--workers")
     _quiet_tensorflow(args.verbose)
-    if args.workers or args.role:
+    if args.workers or args.role or os.environ.get("KERASTUNER_ORACLE_IP"):  # KerasTuner's own variables also make a chief or worker
         from toolkit import distributed
 
         return distributed.main(cfg, args)
