@@ -125,6 +125,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     cfg = load_config(args.exp, args.overrides)  # a bad card fails here, before TensorFlow loads
     if args.workers < 0:
         raise ConfigError(f"--workers must be 0 or more. Received: {args.workers}", field="--workers")
+    from toolkit.strategy import check_available
+
+    check_available(cfg.strategy)  # no TPU, no TF_CONFIG: said within a second, before TensorFlow loads
     _quiet_tensorflow(args.verbose)
     if args.workers or args.role or os.environ.get("KERASTUNER_ORACLE_IP"):  # KerasTuner's own variables also make a chief or worker
         from toolkit import distributed

@@ -11,6 +11,7 @@ import numpy as np
 
 from toolkit import space as blocks
 from toolkit.config import SpaceConfig, TrainConfig
+from toolkit.strategy import steps_per_execution_for
 
 
 def auto_steps_per_execution(n_train: int, batch_size: int, setting: int | str = "auto") -> int:
@@ -78,6 +79,19 @@ class MLPHyperModel(kt.HyperModel):
         self.n_train = n_train
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
+        # The card's precision policy holds for this build only. KerasTuner calls
+        # keras.backend.clear_session() before every build, which resets Keras' global policy, so a
+        # policy set once per search would silently train float32 models; and restoring it keeps
+        # it from leaking into later code in the same process. Layers keep the policy they were
+        # built with, and compile() wraps the optimizer in a LossScaleOptimizer for mixed_float16.
+        previous = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy(self.train.precision)
+        try:
+            return self._build_model(hp)
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
+
+    def _build_model(self, hp: kt.HyperParameters) -> keras.Model:
         n_layers = blocks.depth(hp, self.space)
         width = blocks.units(hp, self.space)
         act = blocks.activation(hp, self.space)
@@ -107,7 +121,7 @@ class MLPHyperModel(kt.HyperModel):
             loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]
         else:
             dense = keras.layers.Dense(1, dtype="float32", name="output_dense")(x)
-            outputs = keras.layers.Reshape((), name="output")(dense)
+            outputs = keras.layers.Reshape((), dtype="float32", name="output")(dense)
             loss, metrics = "mse", ["mae"]
         model = keras.Model(inputs, outputs, name="mlp")
         n_params = model.count_params()
@@ -115,7 +129,10 @@ class MLPHyperModel(kt.HyperModel):
             optimizer=optimizer,
             loss=loss,
             metrics=metrics,
-            steps_per_execution=auto_steps_per_execution(self.n_train, self.train.batch_size, self.train.steps_per_execution),
+            # KerasTuner builds inside the strategy's scope, which decides how many steps can run per call.
+            steps_per_execution=steps_per_execution_for(
+                auto_steps_per_execution(self.n_train, self.train.batch_size, self.train.steps_per_execution)
+            ),
             jit_compile=auto_jit_compile(n_params, self.train.jit_compile),
         )
         return model

@@ -115,7 +115,7 @@ class TrackedTunerMixin:
 
     def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
         super().on_trial_begin(trial)
-        tags = {**self.strategy_info.tags(), "toolkit.batch_size_per_replica": str(max(1, self.card.train.batch_size // self.strategy_info.replicas))}
+        tags = {**self.strategy_info.tags(), "toolkit.batch_size_per_replica": str(self.strategy_info.per_replica_batch(self.card.train.batch_size))}
         run_id = self.tracker.start_trial(trial.trial_id, trial.hyperparameters.values, tags)
         self.tracker.log_dataset(run_id, self.dataset, "training")
         self.tracker.log_dataset(run_id, self.dataset, "validation")
@@ -246,7 +246,9 @@ def run_search(cfg: ExperimentConfig, fresh: bool = False, on_trial: Callable[[T
     cfg.data.task = cfg.data.task or dataset.task
     check_objective(cfg, dataset.task)
     info = make_strategy(cfg.strategy)
-    _set_precision(cfg.train.precision)
+    # batch_size is the global batch; a batch smaller than the replicas is a card error, caught here.
+    # (The precision policy is set by the HyperModel for each build: KerasTuner resets a global one.)
+    log.info("%s: global batch %d, %d per replica", info, cfg.train.batch_size, info.per_replica_batch(cfg.train.batch_size))
     keras.utils.set_random_seed(cfg.seed)
 
     workdir = project_dir(uri, cfg)
@@ -330,10 +332,6 @@ def _best(trials: list[TrialResult], cfg: ExperimentConfig) -> TrialResult | Non
         return None
     pick = min if cfg.direction == "min" else max
     return pick(scored, key=lambda t: t.metrics[key])
-
-
-def _set_precision(policy: str) -> None:
-    keras.mixed_precision.set_global_policy(policy)
 
 
 def _read_state(path: Path) -> dict[str, Any]:
