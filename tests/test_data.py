@@ -177,6 +177,15 @@ def test_csv_features_select_columns(tmp_path):
     assert ds.feature_names == ["c", "a"] and ds.input_shape == (2,)
 
 
+def test_a_saved_dataframe_index_is_not_a_feature(tmp_path, caplog):
+    labelled_frame().sort_values("label").to_csv(tmp_path / "indexed.csv")  # index=True: row numbers
+    ds = load_dataset(data(tmp_path / "indexed.csv", target="label"))
+    assert ds.feature_names == ["a", "b", "c"]
+    assert "without a header (Unnamed: 0) left out of the features" in caplog.text
+    ds = load_dataset(data(tmp_path / "indexed.csv", target="label", features=["Unnamed: 0", "a"]))
+    assert ds.feature_names == ["Unnamed: 0", "a"]
+
+
 def test_parquet_and_npz_files_resolve(tmp_path):
     frame = labelled_frame()
     frame.to_parquet(tmp_path / "pets.parquet")
@@ -360,8 +369,10 @@ def test_keras_dataset_offline_fails_fast_with_exit_1_naming_the_dataset_and_cac
     assert runs_in(store) == []
 
 
-@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10"])
-def test_keras_datasets_read_from_the_cache_in_keras_home_without_network(tmp_path, monkeypatch, name):
+@pytest.mark.parametrize(
+    "name, layout", [("mnist", ""), ("fashion_mnist", ""), ("cifar10", "tf.keras 2"), ("cifar10", "keras 3")]
+)
+def test_keras_datasets_read_from_the_cache_in_keras_home_without_network(tmp_path, monkeypatch, name, layout):
     """Tiny fake files in the layout Keras downloads: the readers work and KERAS_HOME is honoured."""
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     cache = keras_cache_dir(name)
@@ -382,8 +393,8 @@ def test_keras_datasets_read_from_the_cache_in_keras_home_without_network(tmp_pa
                 f.write(b"\0" * 16 + images.tobytes())
         shape = (28, 28)
     else:
-        batches = cache / "cifar-10-batches-py"
-        batches.mkdir()
+        batches = cache / ("cifar-10-batches-py-target" if layout == "keras 3" else "") / "cifar-10-batches-py"
+        batches.mkdir(parents=True)
         for i, batch in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
             labels = (y_train[i * 10 : (i + 1) * 10] if i < 5 else y_test).tolist()
             with open(batches / batch, "wb") as f:

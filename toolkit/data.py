@@ -299,8 +299,10 @@ def keras_cache_dir(name: str = "mnist") -> Path:
 
 
 def _cifar10_dir(cache: Path) -> Path:
-    # Keras extracts "cifar-10-batches-py-target" archives; ours extracts next to the archive.
-    return cache / "cifar-10-batches-py"
+    """Where the extracted CIFAR-10 batches are: where tf.keras 2 put them (and so do we), or
+    where Keras 3 does, so a copy that either downloaded is found."""
+    candidates = (cache / "cifar-10-batches-py", cache / "cifar-10-batches-py-target" / "cifar-10-batches-py")
+    return next((c for c in candidates if (c / "test_batch").is_file()), candidates[0])
 
 
 def keras_cached(name: str) -> bool:
@@ -502,7 +504,17 @@ def _read_table(path: Path, cfg: DataConfig) -> Loaded:
             raise DataError(f"{path}: data.features names column {dup!r} twice", field="data.features")
         features = list(cfg.features)
     else:
-        features = [c for c in frame.columns if c != cfg.target]
+        # A column with no header is almost always a DataFrame index saved by `to_csv()` without
+        # index=False: row numbers, which track the label whenever the file is sorted by it.
+        unnamed = [c for c in frame.columns if str(c).startswith("Unnamed: ") and c != cfg.target]
+        if unnamed:
+            log.warning(
+                "%s: column(s) without a header (%s) left out of the features; they look like a saved index. "
+                "List them in data.features to use them.",
+                path,
+                ", ".join(map(str, unnamed)),
+            )
+        features = [c for c in frame.columns if c != cfg.target and c not in unnamed]
     if not features:
         raise DataError(f"{path}: no feature columns besides the target {cfg.target!r}", field="data.features")
     if frame.empty:
