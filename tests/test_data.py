@@ -472,6 +472,17 @@ def test_feature_stats_are_exact_on_large_offsets():
     np.testing.assert_allclose(variance, ds.x_train.astype("float64").var(axis=0), rtol=1e-6)
 
 
+def test_target_stats_come_from_the_training_split():
+    ds = load_dataset(data("friedman", n_samples=200))
+    ds.y_val = ds.y_val + 1000.0
+    mean, std = ds.target_stats()
+    assert mean == pytest.approx(float(ds.y_train.astype("float64").mean())) and std == pytest.approx(
+        float(ds.y_train.std()), rel=1e-5
+    )
+    with pytest.raises(ValueError, match="for regression"):
+        load_dataset(data("iris")).target_stats()
+
+
 def test_pipeline_batches_and_shuffles_reproducibly_from_the_seed():
     x = np.arange(100, dtype="float32").reshape(50, 2)
     y = np.arange(50, dtype="int64")

@@ -143,6 +143,17 @@ class Dataset:
             squares += np.square(flat[i : i + chunk].astype("float64") - mean).sum(axis=0)
         return mean, squares / n
 
+    def target_stats(self) -> tuple[float, float]:
+        """Mean and standard deviation of the **training** targets (regression).
+
+        For a model that predicts standardized targets and rescales them in its last layer, so a
+        target in the hundreds trains as fast as one near zero.
+        """
+        if self.task != REGRESSION:
+            raise ValueError(f"target statistics are for regression; this dataset is {self.task}")
+        y = self.y_train.astype("float64")
+        return float(y.mean()), float(max(y.std(), 1e-12))
+
 
 # ---------------------------------------------------------------------------- built-in sources
 
