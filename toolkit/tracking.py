@@ -7,11 +7,19 @@ only strings (a run id and a URI) and so survive KerasTuner's ``copy.deepcopy``.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import math
 import os
+import platform
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -108,6 +116,135 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
         client(uri).log_batch(run_id, params=items[i : i + 100])
 
 
+# What the logged model needs to be loaded and served. Listing them is the documented way to
+# skip MLflow's requirement inference, which loads the model in a subprocess (~9 s here).
+MODEL_REQUIREMENTS = ("mlflow", "keras", "tensorflow", "numpy", "pandas")
+
+
+def _installed_version(distribution: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def pinned_requirements() -> list[str]:
+    """Pinned pip requirements of a logged model, from what is installed here.
+
+    TensorFlow is pinned under the name it was installed as (``tensorflow-cpu`` by default,
+    ``tensorflow`` for the CUDA build), so the serving environment gets the same build.
+    """
+    reqs = []
+    for name in MODEL_REQUIREMENTS:
+        candidates = ("tensorflow", "tensorflow-cpu") if name == "tensorflow" else (name,)
+        for dist in candidates:
+            version = _installed_version(dist)
+            if version:
+                reqs.append(f"{dist}=={version}")
+                break
+    return reqs
+
+
+def git_commit(path: Path | None = None) -> dict[str, Any] | None:
+    """The git commit of the working tree at ``path`` (default: the current folder), if any.
+
+    Returns:
+        ``{"commit": sha, "dirty": bool}``, or None outside a repository or without git.
+    """
+    cwd = str(path or Path.cwd())
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": sha, "dirty": bool(status.strip())} if sha else None
+
+
+def environment(strategy_info: Any = None) -> dict[str, Any]:
+    """What ran the search: versions, the git commit, devices and the strategy (``environment.json``).
+
+    Args:
+        strategy_info: The search's :class:`toolkit.strategy.StrategyInfo`. Defaults to None.
+
+    Returns:
+        A JSON-serializable description.
+    """
+    import tensorflow as tf
+
+    versions = {"python": platform.python_version()}
+    for dist in ("tensorflow", "tensorflow-cpu", "keras", "keras-tuner", "mlflow", "numpy", "scikit-learn"):
+        version = _installed_version(dist)
+        if version:
+            versions[dist] = version
+    devices = {kind: [d.name for d in tf.config.list_physical_devices(kind)] for kind in ("CPU", "GPU", "TPU")}
+    env: dict[str, Any] = {
+        "versions": versions,
+        "keras_backend": keras.backend.backend(),
+        "git": git_commit(),
+        "platform": platform.platform(),
+        "python_executable": sys.executable,
+        "cpu_count": os.cpu_count(),
+        "devices": devices,
+    }
+    if strategy_info is not None:
+        env["strategy"] = {"name": strategy_info.name, "replicas": strategy_info.replicas, "devices": strategy_info.devices}
+    return env
+
+
+@contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """Use ``uri`` as MLflow's global tracking URI for a block, then restore exactly what was there.
+
+    ``mlflow.set_tracking_uri`` also writes (or, given None, removes) ``MLFLOW_TRACKING_URI``
+    in the environment, so restoring through it would lose a URI that came from the environment.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    saved_uri, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils._tracking_uri = saved_uri
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+def _save_keras_model(path: str, **kwargs: Any) -> None:
+    # mlflow.keras.save_model writes the input example before it creates the model folder, so
+    # log_model with an input example fails (mlflow/mlflow#16183, open in MLflow 3.17).
+    import mlflow.keras
+
+    os.makedirs(path, exist_ok=True)
+    mlflow.keras.save_model(path=path, **kwargs)
+
+
+class _KerasFlavor:
+    """``mlflow.keras`` with the missing-folder bug above worked around, for ``Model.log``."""
+
+    __name__ = "mlflow.keras"
+    save_model = staticmethod(_save_keras_model)
+
+
+@dataclass
+class LoggedModel:
+    """The best model as logged on the parent run."""
+
+    model_uri: str
+    registered_name: str | None
+    version: str | None
+    seconds: float
+
+    @property
+    def champion_uri(self) -> str | None:
+        return f"models:/{self.registered_name}@champion" if self.registered_name else None
+
+
 class EpochLogger(keras.callbacks.Callback):
     """Logs Keras' own metric names every epoch, with ``step=epoch``, in one batched call.
 
@@ -144,6 +281,7 @@ class SearchTracker:
         self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
         self.open_runs: set[str] = set()
+        self._dataset_inputs: dict[tuple[str, str], Any] = {}
 
     @property
     def client(self):
@@ -210,6 +348,66 @@ class SearchTracker:
         self.client.log_text(self.parent_run_id, yaml.safe_dump(card, sort_keys=False), "experiment.yaml")
         return self.parent_run_id
 
+    def abandon_search(self, parent_run_id: str, reason: str) -> None:
+        """Close a search that is being started over: its RUNNING trials and parent become KILLED."""
+        run = self._get_run(parent_run_id)
+        if run is None or run.info.status != "RUNNING":
+            return
+        query = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+        stale = self.client.search_runs([run.info.experiment_id], filter_string=query, max_results=50_000)
+        for trial in [*stale, run]:
+            self.client.set_tag(trial.info.run_id, "toolkit.failure", reason)
+            self.client.set_terminated(trial.info.run_id, status="KILLED")
+
+    def attach(self, parent_run_id: str, search_id: str | None = None) -> str:
+        """Join a search another process owns (a distributed worker joins its chief's).
+
+        Trial runs then nest under ``parent_run_id``; the parent is not this process's to close,
+        so it is not among :attr:`open_runs`.
+
+        Args:
+            parent_run_id: The search's parent run.
+            search_id: This process's search id, checked against the parent's. Defaults to no check.
+
+        Raises:
+            RuntimeError: When the run is not a search's parent run in this tracking store.
+            ConfigError: When the parent belongs to another search (another card).
+        """
+        from toolkit.config import ConfigError
+
+        run = self._get_run(parent_run_id)
+        if run is None or run.data.tags.get(ROLE) != "search":
+            raise RuntimeError(
+                f"the search's parent run {parent_run_id} is not in the MLflow store at {self.uri}: "
+                "every process of a distributed search must log to the same tracking server (MLFLOW_TRACKING_URI)"
+            )
+        theirs = run.data.tags.get("toolkit.search_id")
+        if search_id and theirs != search_id:
+            raise ConfigError(
+                f"this card's search is {search_id!r} but the parent run {parent_run_id} is search {theirs!r}: "
+                "start every worker with the chief's card and --set overrides (only tuner.max_trials and tracking may differ)",
+                field="EXP",
+            )
+        self.parent_run_id = parent_run_id
+        self.experiment_id = run.info.experiment_id
+        return parent_run_id
+
+    def set_tags(self, tags: dict[str, str], run_id: str | None = None) -> None:
+        """Set several tags in one call (the parent run by default)."""
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id or self.parent_run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def parent_tag(self, key: str) -> str | None:
+        """A tag of the parent run as stored (e.g. one a resumed search's earlier process set)."""
+        run = self._get_run(self.parent_run_id) if self.parent_run_id else None
+        return run.data.tags.get(key) if run else None
+
+    def parent_metric(self, key: str, default: float = 0.0) -> float:
+        """The latest value of a parent metric as stored, or ``default``."""
+        run = self._get_run(self.parent_run_id) if self.parent_run_id else None
+        return float(run.data.metrics.get(key, default)) if run else default
+
     def _get_run(self, run_id: str):
         try:
             return self.client.get_run(run_id)
@@ -244,11 +442,31 @@ class SearchTracker:
         stale = self.trial_runs(status="RUNNING")
         for run in stale:
             if run.data.tags.get("toolkit.trial_id") in (completed or set()):
-                self.client.set_terminated(run.info.run_id, status="FINISHED")
+                # The oracle recorded it, then the process died before closing the run: add the
+                # summaries that trial end would have logged, from the per-epoch history.
+                self.end_trial(run.info.run_id, "FINISHED", metrics=self._summaries_from_history(run))
                 continue
             self.client.set_tag(run.info.run_id, "toolkit.failure", "the process running this trial stopped (killed or crashed); the trial is rerun")
             self.client.set_terminated(run.info.run_id, status="KILLED")
         return len(stale)
+
+    def _summaries_from_history(self, run: Any) -> dict[str, float]:
+        from toolkit.config import objective_direction
+
+        summary: dict[str, float] = {}
+        for key in list(run.data.metrics):
+            if key.startswith("best_") or key == "trial_seconds":
+                continue
+            history = sorted(self.client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+            values = [(m.step, m.value) for m in history if math.isfinite(m.value)]
+            if not values:
+                continue
+            lower = (self.cfg.direction if key == self.cfg.objective else objective_direction(key)) == "min"
+            step, value = (min if lower else max)(values, key=lambda sv: sv[1])
+            summary[f"best_{key}"] = value
+            if key == self.cfg.objective:
+                summary["best_epoch"] = step
+        return summary
 
     def start_trial(self, trial_id: str, hyperparameters: dict[str, Any], tags: dict[str, str] | None = None) -> str:
         """Create a nested run for one trial, with its hyperparameters as params."""
@@ -265,12 +483,28 @@ class SearchTracker:
         log_params(self.uri, run_id, hyperparameters)
         return run_id
 
-    def end_trial(self, run_id: str, status: str, failure: str | None = None, metrics: dict[str, float] | None = None) -> None:
-        """Close a trial's run as FINISHED, FAILED (with the reason as a tag) or KILLED."""
-        if failure:
-            self.client.set_tag(run_id, "toolkit.failure", failure[-4000:])
-        if metrics:
-            log_metrics(self.uri, run_id, metrics)
+    def end_trial(self, run_id: str, status: str, failure: str | None = None, metrics: dict[str, float] | None = None, details: str | None = None) -> None:
+        """Close a trial's run as FINISHED, FAILED (with the reason as a tag) or KILLED.
+
+        Summary metrics and the failure tag go in one batched call: per-trial calls are the
+        tracking overhead that counts.
+
+        Args:
+            run_id: The trial's run.
+            status: ``FINISHED``, ``FAILED`` or ``KILLED``.
+            failure: The one-line reason, as the tag ``toolkit.failure``. Defaults to None.
+            metrics: Summary metrics (best values, best epoch, seconds). Defaults to None.
+            details: The full traceback of a failure, logged as ``failure.txt``. Defaults to None.
+        """
+        if details:
+            self.client.log_text(run_id, details, "failure.txt")
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        tags = [RunTag("toolkit.failure", failure[-4000:])] if failure else []
+        batch = [Metric(key, float(value), now, 0) for key, value in (metrics or {}).items() if value is not None]
+        if tags or batch:
+            self.client.log_batch(run_id, metrics=batch, tags=tags)
         self.client.set_terminated(run_id, status=status)
         self.open_runs.discard(run_id)
 
@@ -294,26 +528,136 @@ class SearchTracker:
         if dataset.class_names:
             self.client.log_dict(self.parent_run_id, dict(enumerate(dataset.class_names)), "class_names.json")
 
+    def _dataset_input(self, dataset: Any, context: str) -> Any:
+        # Built once per split and search: every trial trains on the same data, and building the
+        # entity (schema and profile) is per-trial overhead otherwise.
+        key = (dataset.digest, context)
+        if key not in self._dataset_inputs:
+            import mlflow.data
+            from mlflow.data.code_dataset_source import CodeDatasetSource
+            from mlflow.entities import DatasetInput, InputTag
+
+            x, y = (dataset.x_train, dataset.y_train) if context == "training" else (dataset.x_val, dataset.y_val)
+            # A user file is a local path; a built-in source is code (scikit-learn or a generator).
+            source = dataset.source if "/" in dataset.source else CodeDatasetSource(tags={"toolkit.source": dataset.source})
+            ds = mlflow.data.from_numpy(x, targets=y, source=source, name=f"{dataset.name}-{context}", digest=f"{dataset.digest}-{context[:3]}")
+            self._dataset_inputs[key] = DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+        return self._dataset_inputs[key]
+
     def log_dataset(self, run_id: str, dataset: Any, context: str = "training") -> None:
         """Record a split with MLflow's dataset tracking: name, source and digest."""
-        import mlflow.data
-        from mlflow.entities import DatasetInput, InputTag
+        self.client.log_inputs(run_id, datasets=[self._dataset_input(dataset, context)])
 
-        from mlflow.data.code_dataset_source import CodeDatasetSource
+    def log_datasets(self, run_id: str, dataset: Any, contexts: tuple[str, ...] = ("training", "validation")) -> None:
+        """Record several splits in one call (what each trial does)."""
+        self.client.log_inputs(run_id, datasets=[self._dataset_input(dataset, c) for c in contexts])
 
-        x, y = (dataset.x_train, dataset.y_train) if context == "training" else (dataset.x_val, dataset.y_val)
-        # A user file is a local path; a built-in source is code (scikit-learn or a generator).
-        source = dataset.source if "/" in dataset.source else CodeDatasetSource(tags={"toolkit.source": dataset.source})
-        ds = mlflow.data.from_numpy(x, targets=y, source=source, name=f"{dataset.name}-{context}", digest=f"{dataset.digest}-{context[:3]}")
-        entity = DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
-        self.client.log_inputs(run_id, datasets=[entity])
+    # ------------------------------------------------------------------ parent artifacts
+
+    def log_json(self, data: Any, artifact_file: str, run_id: str | None = None) -> None:
+        """Write ``data`` as an indented JSON artifact (the parent run by default)."""
+        self.client.log_text(run_id or self.parent_run_id, json.dumps(data, indent=2, sort_keys=False, default=str), artifact_file)
+
+    def log_csv(self, rows: list[dict[str, Any]], artifact_file: str, run_id: str | None = None) -> None:
+        """Write dict rows as a CSV artifact; the columns are the union of keys, in first-seen order."""
+        columns: dict[str, None] = {}
+        for row in rows:
+            columns.update(dict.fromkeys(row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        self.client.log_text(run_id or self.parent_run_id, buffer.getvalue(), artifact_file)
+
+    def log_best_model(
+        self,
+        model: keras.Model,
+        input_example: Any,
+        register_as: str | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> LoggedModel:
+        """Log the search's best model once, on the parent run, and make it ``<name>@champion``.
+
+        Uses the Keras 3 flavor (``mlflow.keras``; ``mlflow.tensorflow`` targets tf.keras 2) with
+        a signature inferred from ``input_example`` and pinned pip requirements, so MLflow does
+        not infer them by loading the model in a subprocess.
+
+        Args:
+            model: The trained model. It standardizes its own inputs, so it serves raw features.
+            input_example: A few raw training rows.
+            register_as: The registered model name; the new version gets the alias ``champion``.
+                Defaults to None: log only.
+            tags: Tags for the registered version (trial id, objective value, ...).
+
+        Returns:
+            Where the model went and how long logging took.
+        """
+        from mlflow.models import Model, infer_signature
+
+        started = time.perf_counter()
+        example = input_example.astype("float32") if getattr(input_example, "dtype", None) == "float64" else input_example
+        signature = infer_signature(example, model.predict(example, verbose=0))
+        # The same layers and weights without the optimizer: a served model never trains, and a
+        # saved optimizer whose slots were never built warns on every load.
+        inference = keras.Model(model.inputs, model.outputs, name=model.name)
+        # MLflow checks the input example by predicting on it; keep Keras' progress bar quiet.
+        interactive = keras.utils.is_interactive_logging_enabled()
+        keras.utils.disable_interactive_logging()
+        try:
+            # Model.log resolves the store from the global URI; point it at this search's store.
+            with _global_tracking_uri(self.uri):
+                info = Model.log(
+                    artifact_path=None,
+                    name="model",
+                    flavor=_KerasFlavor(),
+                    run_id=self.parent_run_id,
+                    model=inference,
+                    signature=signature,
+                    input_example=example,
+                    pip_requirements=pinned_requirements(),
+                    registered_model_name=register_as,
+                    await_registration_for=0,
+                )
+        finally:
+            if interactive:
+                keras.utils.enable_interactive_logging()
+        version = None
+        if register_as:
+            version = str(info.registered_model_version)
+            # Aliases, not the deprecated stages: the champion is whatever the alias points at.
+            self.client.set_registered_model_alias(register_as, "champion", version)
+            for key, value in (tags or {}).items():
+                self.client.set_model_version_tag(register_as, version, key, value)
+        logged = LoggedModel(info.model_uri, register_as, version, time.perf_counter() - started)
+        log.info("logged the best model in %.1fs: %s", logged.seconds, logged.champion_uri or logged.model_uri)
+        return logged
+
+    # ------------------------------------------------------------------ closing
+
+    def close_open_runs(self, status: str = "KILLED", reason: str = "interrupted") -> None:
+        """Close every run this process opened with ``status`` and the reason as a tag.
+
+        Used in ``finally``: KILLED when interrupted (SIGINT/SIGTERM), FAILED when the search
+        crashed. A second interrupt while closing does not stop the others from being closed.
+        """
+        from mlflow.entities import RunTag
+
+        interrupted: BaseException | None = None
+        for run_id in list(self.open_runs):
+            for _ in range(2):  # once more if a second signal cut the first attempt short
+                try:
+                    self.client.log_batch(run_id, tags=[RunTag("toolkit.failure", reason[-4000:])])
+                    self.client.set_terminated(run_id, status=status)
+                    break
+                except KeyboardInterrupt as exc:
+                    interrupted = exc
+                except Exception as exc:  # keep closing the others
+                    log.warning("could not mark run %s %s: %s", run_id, status, exc)
+                    break
+            self.open_runs.discard(run_id)
+        if interrupted is not None:
+            raise interrupted
 
     def kill_open_runs(self, reason: str = "interrupted") -> None:
         """Mark every run this process opened as KILLED (on SIGINT/SIGTERM)."""
-        for run_id in list(self.open_runs):
-            try:
-                self.client.set_tag(run_id, "toolkit.failure", reason)
-                self.client.set_terminated(run_id, status="KILLED")
-            except Exception as exc:  # keep closing the others
-                log.warning("could not mark run %s KILLED: %s", run_id, exc)
-            self.open_runs.discard(run_id)
+        self.close_open_runs("KILLED", reason)
