@@ -319,30 +319,37 @@ def best_trial_finding(data: SearchData) -> list[str]:
     return [text + tail]
 
 
+def _comparison(data: SearchData, stats: pd.DataFrame, a: Any, b: Any) -> str:
+    """``a`` against ``b`` by mean objective, with a caveat when either rests on too few trials."""
+    mean_a, mean_b = float(stats.loc[a, "mean"]), float(stats.loc[b, "mean"])
+    n_a, n_b = int(stats.loc[a, "count"]), int(stats.loc[b, "count"])
+    what = f"mean {data.objective}" if max(n_a, n_b) > 1 else data.objective
+    numbers = f"({_value(data.objective, mean_a)} vs {_value(data.objective, mean_b)}, n={n_a} and {n_b})"
+    if mean_a == mean_b:
+        text = f"{a} and {b} tied in {what} {numbers}"
+    else:
+        verb = "beat" if data.better(mean_a, mean_b) else "trailed"
+        text = f"{a} {verb} {b} by {_diff(data.objective, mean_a - mean_b)} in {what} {numbers}"
+    if min(n_a, n_b) < MIN_GROUP:
+        text += f"; with fewer than {MIN_GROUP} trials per value there are {NOT_ENOUGH} whether that holds beyond these runs"
+    return text
+
+
+def _group_stats(data: SearchData, part: pd.DataFrame, name: str) -> pd.DataFrame:
+    stats = part.groupby(name)["objective"].agg(["mean", "count"])
+    return stats.sort_values("mean", ascending=data.direction == "min")
+
+
 def choice_findings(data: SearchData) -> list[str]:
     """For each text hyperparameter (activation, optimizer, ...): how its values ranked."""
     done = data.finished
     out = []
     for name in data.varying:
-        if pd.api.types.is_numeric_dtype(done[name]):
+        if pd.api.types.is_numeric_dtype(done[name]) or done[name].nunique() < 2:
             continue
-        stats = done.groupby(name)["objective"].agg(["mean", "max", "min", "count"])
-        best_col = "max" if data.direction == "max" else "min"
-        stats = stats.sort_values("mean", ascending=data.direction == "min")
+        stats = _group_stats(data, done, name)
         listing = ", ".join(f"{v} {_value(data.objective, r['mean'])} (n={int(r['count'])})" for v, r in stats.iterrows())
-        enough = stats[stats["count"] >= MIN_GROUP]
-        if len(enough) < 2:
-            out.append(
-                f"{name}: {NOT_ENOUGH} which value is better (mean {data.objective}: {listing}; a comparison needs {MIN_GROUP} trials per value)."
-            )
-            continue
-        top, bottom = enough.index[0], enough.index[-1]
-        delta = enough.loc[top, "mean"] - enough.loc[bottom, "mean"]
-        out.append(
-            f"{name}: {top} beat {bottom} by {_diff(data.objective, delta)} in mean {data.objective} "
-            f"(best {_value(data.objective, enough.loc[top, best_col])} vs {_value(data.objective, enough.loc[bottom, best_col])}). "
-            f"All values, mean {data.objective}: {listing}."
-        )
+        out.append(f"{name}: {_comparison(data, stats, stats.index[0], stats.index[-1])}. All values: {listing}.")
     return out
 
 
@@ -360,31 +367,19 @@ def activation_depth_findings(data: SearchData) -> list[str]:
     if "activation" not in done or "depth" not in done or done["activation"].nunique() < 2:
         return []
     deep_from = _deep_threshold(done["depth"])
-    if deep_from is None:
-        return []
+    if deep_from is None or done["depth"].nunique() < 2:
+        return []  # one depth: the activation finding above says it all
     out = []
-    varied_depth = done["depth"].nunique() > 1
-    groups = [(f"depth ≥ {deep_from}", done[done["depth"] >= deep_from])]
-    if varied_depth:
-        groups.append((f"depth < {deep_from}", done[done["depth"] < deep_from]))
-    for label, part in groups:
-        stats = part.groupby("activation")["objective"].agg(["mean", "count"])
-        enough = stats[stats["count"] >= MIN_GROUP].sort_values("mean", ascending=data.direction == "min")
-        counts = ", ".join(f"{a} {int(c)}" for a, c in stats["count"].items())
-        if len(enough) < 2:
-            out.append(
-                f"At {label}: {NOT_ENOUGH} how the activations compare (trials: {counts}; need {MIN_GROUP} per activation)."
-            )
+    for label, part in (
+        (f"depth ≥ {deep_from}", done[done["depth"] >= deep_from]),
+        (f"depth < {deep_from}", done[done["depth"] < deep_from]),
+    ):
+        stats = _group_stats(data, part, "activation")
+        if len(stats) < 2:
+            out.append(f"At {label}: {NOT_ENOUGH} how the activations compare (only {', '.join(stats.index) or 'no trials'}).")
             continue
-        pairs = [("relu", "sigmoid")] if {"relu", "sigmoid"} <= set(enough.index) else [(enough.index[0], enough.index[-1])]
-        for a, b in pairs:
-            delta = enough.loc[a, "mean"] - enough.loc[b, "mean"]
-            verb = "beat" if data.better(enough.loc[a, "mean"], enough.loc[b, "mean"]) else "trailed"
-            out.append(
-                f"At {label}, {a} {verb} {b} by {_diff(data.objective, delta)} in mean {data.objective} "
-                f"({_value(data.objective, enough.loc[a, 'mean'])} vs {_value(data.objective, enough.loc[b, 'mean'])}, "
-                f"n={int(enough.loc[a, 'count'])} and {int(enough.loc[b, 'count'])})."
-            )
+        a, b = ("relu", "sigmoid") if {"relu", "sigmoid"} <= set(stats.index) else (stats.index[0], stats.index[-1])
+        out.append(f"At {label}, {_comparison(data, stats, a, b)}.")
     return out
 
 
@@ -524,6 +519,10 @@ def regularization_findings(data: SearchData) -> list[str]:
             f"{_value(data.objective, weak['objective'].median())}."
         )
         out.append(text)
+    if out:
+        # Keras adds the penalty to both loss and val_loss, so they are not comparable across
+        # strengths; their difference, the gap, mostly cancels it.
+        out.append("Keras' loss and val_loss include the L1/L2 penalty: compare gap_loss, not val_loss, across strengths.")
     return out
 
 
@@ -625,9 +624,9 @@ class Importance:
 def hyperparameter_importance(data: SearchData, seed: int = 0) -> Importance:
     """How much each hyperparameter explains of the objective.
 
-    A random forest (sklearn, 200 trees) is fitted to map the varied hyperparameters to the
+    A random forest (sklearn, 100 trees) is fitted to map the varied hyperparameters to the
     objective. Each hyperparameter's importance is the mean drop in the forest's R² when that
-    column is shuffled (permutation importance, 20 repeats). Both are computed on the trials
+    column is shuffled (permutation importance, 10 repeats). Both are computed on the trials
     themselves: there are too few for a held-out split, so the forest's out-of-bag R² is reported
     alongside as the measure of how much to trust the ranking.
 
@@ -660,9 +659,9 @@ def hyperparameter_importance(data: SearchData, seed: int = 0) -> Importance:
         else:
             x[name] = pd.Categorical(column.fillna("absent")).codes
     y = done["objective"].astype(float).to_numpy()
-    forest = RandomForestRegressor(n_estimators=200, random_state=seed, oob_score=True, min_samples_leaf=1, n_jobs=1)
+    forest = RandomForestRegressor(n_estimators=100, random_state=seed, oob_score=True, min_samples_leaf=1, n_jobs=1)
     forest.fit(x.to_numpy(), y)
-    result = permutation_importance(forest, x.to_numpy(), y, n_repeats=20, random_state=seed, n_jobs=1)
+    result = permutation_importance(forest, x.to_numpy(), y, n_repeats=10, random_state=seed, n_jobs=1)
     table = pd.DataFrame({"hyperparameter": features, "importance": result.importances_mean, "std": result.importances_std})
     table = table.sort_values("importance", ascending=False).reset_index(drop=True)
     return Importance(table, oob_r2=float(forest.oob_score_), n_trials=len(done))
@@ -971,9 +970,9 @@ def build_report(data: SearchData, out: Path) -> Report:
         report.add("h2", "Hyperparameter importance")
         report.add(
             "p",
-            "Method: a random forest (scikit-learn, 200 trees) maps the varied hyperparameters to the objective; each "
+            "Method: a random forest (scikit-learn, 100 trees) maps the varied hyperparameters to the objective; each "
             "hyperparameter's importance is the mean drop in the forest's R² when its column is shuffled (permutation "
-            "importance, 20 repeats). It is computed on the trials themselves; the out-of-bag R² says how much of the "
+            "importance, 10 repeats). It is computed on the trials themselves; the out-of-bag R² says how much of the "
             f"objective the forest explains ({importance.oob_r2:.2f}). With few trials, treat it as a hint.",
         )
         report.add("table", importance.table)
