@@ -3,7 +3,7 @@
 Three ways in, one search in MLflow:
 
 - **Local** (``toolkit tune EXP --workers N``): this process is the chief, on a free port on
-  127.0.0.1, and it starts N worker processes once it serves. Over a SQLite store it also runs
+  127.0.0.1, and it starts N worker processes that wait for it to serve. Over a SQLite store it also runs
   ``mlflow server`` on loopback for the length of the search, so one process writes the file:
   several processes writing SQLite directly fail with "database is locked", while the server turns
   that into an HTTP 503 that MLflow clients retry, so no metric point is lost.
@@ -147,15 +147,26 @@ def main(cfg: ExperimentConfig, args: Any) -> int:
                 "Across hosts, start one `--role chief --bind HOST:PORT` and workers with `--role worker --oracle HOST:PORT`",
                 field="--workers",
             )
-        return _report(cfg, lambda on_trial: run_local(cfg, args.workers, args.exp, args.overrides, fresh=args.fresh, verbose=args.verbose, on_trial=on_trial))
+        return _report(
+            cfg,
+            lambda on_trial: run_local(
+                cfg, args.workers, args.exp, args.overrides, fresh=args.fresh, verbose=args.verbose, on_trial=on_trial
+            ),
+        )
     if role == "chief":
         if args.oracle:
-            raise ConfigError(f"--oracle is for workers; the chief listens on --bind. Received: --role chief --oracle {args.oracle}", field="--oracle")
+            raise ConfigError(
+                f"--oracle is for workers; the chief listens on --bind. Received: --role chief --oracle {args.oracle}",
+                field="--oracle",
+            )
         bind = Address.parse(args.bind, "--bind") if args.bind else _env_address("--bind")
         return _report(cfg, lambda on_trial: run_chief(cfg, bind, fresh=args.fresh, on_trial=on_trial))
     if role == "worker":
         if args.bind:
-            raise ConfigError(f"--bind is for the chief; a worker names the chief with --oracle. Received: --role worker --bind {args.bind}", field="--bind")
+            raise ConfigError(
+                f"--bind is for the chief; a worker names the chief with --oracle. Received: --role worker --bind {args.bind}",
+                field="--bind",
+            )
         oracle = Address.parse(args.oracle, "--oracle") if args.oracle else _env_address("--oracle")
         tuner_id = os.environ.get(ENV_TUNER_ID) or default_tuner_id()
         if "chief" in tuner_id:  # KerasTuner treats any id containing "chief" as the chief
@@ -179,7 +190,10 @@ def _env_role() -> str | None:
         return None
     for name in (ENV_ORACLE_PORT, ENV_TUNER_ID):
         if not os.environ.get(name):
-            raise ConfigError(f"{ENV_ORACLE_IP} is set but {name} is not: set {ENV_TUNER_ID}, {ENV_ORACLE_IP} and {ENV_ORACLE_PORT} together", field=name)
+            raise ConfigError(
+                f"{ENV_ORACLE_IP} is set but {name} is not: set {ENV_TUNER_ID}, {ENV_ORACLE_IP} and {ENV_ORACLE_PORT} together",
+                field=name,
+            )
     return "chief" if "chief" in os.environ[ENV_TUNER_ID] else "worker"
 
 
@@ -403,7 +417,9 @@ class OracleServer:
         except RuntimeError:  # newer grpc raises where older ones return 0
             port = 0
         if not port:
-            raise RuntimeError(f"the chief could not listen on {self.bind}: is the port in use, or the host not an address of this machine?")
+            raise RuntimeError(
+                f"the chief could not listen on {self.bind}: is the port in use, or the host not an address of this machine?"
+            )
         self._server.start()
         self.port = port
         return port
@@ -419,13 +435,19 @@ class Chief:
     Args:
         bind: Where the oracle listens.
         on_trial: Called with each trial that reached its final status.
-        workers: Local worker processes to start once the oracle serves. Defaults to none (workers
-            on other hosts join by themselves).
+        workers: Local worker processes to watch: one that exits early is written off at once.
+            Defaults to none (workers on other hosts join by themselves and are leased).
         lease: Seconds without a heartbeat after which a worker is written off. Defaults to
             ``TOOLKIT_WORKER_LEASE`` or 30.
     """
 
-    def __init__(self, bind: Address, on_trial: Callable[[tuning.TrialResult], None] | None = None, workers: LocalWorkers | None = None, lease: float | None = None) -> None:
+    def __init__(
+        self,
+        bind: Address,
+        on_trial: Callable[[tuning.TrialResult], None] | None = None,
+        workers: LocalWorkers | None = None,
+        lease: float | None = None,
+    ) -> None:
         self.bind = bind
         self.on_trial = on_trial
         self.workers = workers
@@ -436,7 +458,11 @@ class Chief:
     def __call__(self, tuner: Any, tracker: tracking.SearchTracker) -> None:
         oracle = tuner.oracle
         oracle.verbose = 0  # progress comes from on_trial, not KerasTuner's tables
-        tuner.save()  # as KerasTuner's search does before serving: workers may start from it
+        tuner.save()  # as KerasTuner's search does before serving
+        # MLflow creates a dataset's row on first use, check-then-insert: two workers starting
+        # their first trials together can both insert, and one fails on the UNIQUE constraint.
+        # Logged here first, on the parent, the rows exist before any worker can start a trial.
+        tracker.log_datasets(tracker.parent_run_id, tuner.dataset)
         hello = {
             "parent_run_id": tracker.parent_run_id,
             "search_id": tuning.search_id(tracker.cfg),
@@ -444,24 +470,24 @@ class Chief:
             "workdir": str(Path(tuner.project_dir).resolve()),
         }
         self.server = OracleServer(oracle, self.bind, hello)
-        port = self.server.start()
-        address = Address(self.bind.host, port)
-        tracker.client.set_tag(tracker.parent_run_id, "toolkit.oracle", address.target)
-        log.info("the oracle serves on %s; parent run %s", address, tracker.parent_run_id)
         finished = False
-        try:
-            if self.workers is not None:
-                self.workers.start(Address("127.0.0.1", port), tracker.uri)
-            # KerasTuner 1.4.8 prints a conditional parameter's value each time it serializes one
-            # (a stray print in conditions.Parent.to_proto), i.e. on every gRPC answer. Progress
-            # goes to stderr, so stdout is muted while serving.
-            with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        # KerasTuner 1.4.8 prints a conditional parameter's value each time it serializes one (a
+        # stray print in conditions.Parent.to_proto), i.e. on gRPC answers. Progress goes to
+        # stderr, so stdout is muted while serving.
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            try:
+                port = self.server.start()
+                address = Address(self.bind.host, port)
+                tracker.client.set_tag(tracker.parent_run_id, "toolkit.oracle", address.target)
+                log.info("the oracle serves on %s; parent run %s", address, tracker.parent_run_id)
                 self._serve(tuner, tracker)
-            finished = True
-        finally:
-            if self.workers is not None:
-                self.workers.stop(graceful=finished)
-            self.server.stop()
+                finished = True
+            finally:
+                # After a finished search the workers leave by themselves (TensorFlow takes
+                # seconds to shut down): the caller waits for them while the search is summarized.
+                if self.workers is not None and not finished:
+                    self.workers.stop()
+                self.server.stop()
         if self.server.servicer.failure is not None:
             # run_search reports KerasTuner's "consecutive failures" as the search's stop reason.
             raise self.server.servicer.failure
@@ -481,7 +507,9 @@ class Chief:
             if servicer.done():
                 break
             if self.workers is not None and self.workers.all_exited():
-                raise RuntimeError(f"all {self.workers.n} local workers stopped before the search finished; their errors are above")
+                raise RuntimeError(
+                    f"all {self.workers.n} local workers stopped before the search finished; their errors are above"
+                )
             time.sleep(0.25)
         self._report(servicer, tuner)
 
@@ -495,7 +523,11 @@ class Chief:
             status = tuning.STATUS.get(trial.status, "FAILED")
             metrics, best_epoch = tuning._trial_metrics(trial, objective)
             failure = tuning._failure_reason(trial.message) if status != "FINISHED" else None
-            self.on_trial(tuning.TrialResult(trial.trial_id, status, dict(trial.hyperparameters.values), metrics, best_epoch, ended.seconds, failure))
+            self.on_trial(
+                tuning.TrialResult(
+                    trial.trial_id, status, dict(trial.hyperparameters.values), metrics, best_epoch, ended.seconds, failure
+                )
+            )
 
     def _lose(self, servicer: _Servicer, tracker: tracking.SearchTracker, tuner_id: str, why: str) -> None:
         reason = f"worker {tuner_id} {why}"
@@ -505,12 +537,18 @@ class Chief:
             log.warning("%s; it held no trial", reason)
             return
         retried = trial.status == Status.INVALID
-        outcome = "the oracle hands the trial to another worker" if retried else "the trial is FAILED (no retries left: tuner.max_retries_per_trial)"
+        outcome = (
+            "the oracle hands the trial to another worker"
+            if retried
+            else "the trial is FAILED (no retries left: tuner.max_retries_per_trial)"
+        )
         log.warning("%s during trial %s; %s", reason, trial.trial_id, outcome)
         for run in tracker.trial_runs(status="RUNNING"):
             tags = run.data.tags
             if tags.get("toolkit.trial_id") == trial.trial_id and tags.get("toolkit.worker") == tuner_id:
-                tracker.end_trial(run.info.run_id, "KILLED" if retried else "FAILED", failure=f"{reason} during this trial; {outcome}")
+                tracker.end_trial(
+                    run.info.run_id, "KILLED" if retried else "FAILED", failure=f"{reason} during this trial; {outcome}"
+                )
 
 
 def run_chief(
@@ -532,7 +570,7 @@ def run_chief(
         uri: The tracking URI. Defaults to :func:`toolkit.tracking.tracking_uri`.
         workdir: KerasTuner's project folder. Defaults to :func:`toolkit.tuning.project_dir`.
         on_trial: Called with each trial that reached its final status.
-        workers: Local workers to start once the oracle serves. Defaults to none.
+        workers: Local workers (already started) to watch. Defaults to none.
 
     Returns:
         The search, summarized after the last worker left.
@@ -560,7 +598,14 @@ def handshake(oracle: Address, tuner_id: str, timeout: float) -> dict[str, str]:
     Raises:
         ChiefUnreachable: When the chief does not answer in time, or is not a toolkit chief.
     """
-    channel = grpc.insecure_channel(oracle.target)
+    # gRPC backs off up to 2 minutes between attempts to connect; a worker waiting for a chief
+    # that is still starting should notice it within a second.
+    options = [
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.min_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
+    channel = grpc.insecure_channel(oracle.target, options=options)
     try:
         try:
             grpc.channel_ready_future(channel).result(timeout=timeout)
@@ -570,14 +615,18 @@ def handshake(oracle: Address, tuner_id: str, timeout: float) -> dict[str, str]:
                 f"Check that `toolkit tune EXP --role chief --bind {oracle}` is running and that this host can reach that address and port"
             ) from None
         stub = protos.get_service_grpc().OracleStub(channel)
-        _, call = stub.GetSpace.with_call(protos.get_service().GetSpaceRequest(), metadata=((_META_TUNER, tuner_id),), timeout=timeout)
+        _, call = stub.GetSpace.with_call(
+            protos.get_service().GetSpaceRequest(), metadata=((_META_TUNER, tuner_id),), timeout=timeout
+        )
         trailing = dict(call.trailing_metadata() or ())
     except grpc.RpcError as exc:
         raise ChiefUnreachable(f"the chief's oracle at {oracle} did not answer: {_rpc_error(exc)}") from None
     finally:
         channel.close()
     if _META_HELLO not in trailing:
-        raise ChiefUnreachable(f"the oracle at {oracle} sent no search to join: start the chief with `toolkit tune EXP --role chief --bind {oracle}`")
+        raise ChiefUnreachable(
+            f"the oracle at {oracle} sent no search to join: start the chief with `toolkit tune EXP --role chief --bind {oracle}`"
+        )
     return json.loads(trailing[_META_HELLO])
 
 
@@ -626,7 +675,10 @@ def limit_threads() -> None:
     so N workers on one machine share its cores instead of each taking all of them."""
     import tensorflow as tf
 
-    for name, setter in (("TF_NUM_INTRAOP_THREADS", tf.config.threading.set_intra_op_parallelism_threads), ("TF_NUM_INTEROP_THREADS", tf.config.threading.set_inter_op_parallelism_threads)):
+    for name, setter in (
+        ("TF_NUM_INTRAOP_THREADS", tf.config.threading.set_intra_op_parallelism_threads),
+        ("TF_NUM_INTEROP_THREADS", tf.config.threading.set_inter_op_parallelism_threads),
+    ):
         value = os.environ.get(name)
         if value and value.isdigit():
             try:
@@ -658,7 +710,11 @@ def run_worker(cfg: ExperimentConfig, oracle: Address, tuner_id: str) -> tuning.
     # A worker logs where it is told to; one told nothing logs where the chief does.
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or hello["tracking_uri"]
     if uri.startswith("sqlite:"):
-        log.warning("worker %s logs straight to SQLite (%s): several processes on one SQLite file can fail with 'database is locked'; use an MLflow server", tuner_id, uri)
+        log.warning(
+            "worker %s logs straight to SQLite (%s): several processes on one SQLite file can fail with 'database is locked'; use an MLflow server",
+            tuner_id,
+            uri,
+        )
     # The chief's folder is shared when it exists here (same machine or a shared file system), so
     # the chief finds the workers' checkpoints; otherwise the worker keeps its own.
     workdir = Path(hello["workdir"]) if Path(hello["workdir"]).is_dir() else None
@@ -707,9 +763,11 @@ def _stop_group(proc: subprocess.Popen, grace: float) -> None:
 
 
 class LocalWorkers:
-    """N worker processes on this machine, started once the chief serves and stopped together.
+    """N worker processes on this machine, stopped together.
 
     Each runs ``toolkit tune EXP --role worker`` with TensorFlow limited to its share of the cores.
+    They start before the chief serves (TensorFlow's import then overlaps the chief's start) and
+    wait for it: the launcher, not a timeout, stops them if the chief fails.
 
     Args:
         n: How many workers.
@@ -726,27 +784,56 @@ class LocalWorkers:
         self.procs: dict[str, subprocess.Popen] = {}
         self.codes: dict[str, int] = {}
         self._relays: list[threading.Thread] = []
+        self._stopping = threading.Event()  # once set, the workers' farewells are not relayed
 
     def start(self, oracle: Address, uri: str) -> None:
         """Start the workers against the oracle at ``oracle``, logging to ``uri``."""
         threads = str(max(1, _cores() // self.n))
         for i in range(self.n):
             tuner_id = f"tuner{i}"
-            env = {**os.environ, ENV_TUNER_ID: tuner_id, ENV_ORACLE_IP: oracle.host, ENV_ORACLE_PORT: str(oracle.port), "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
+            env = {
+                **os.environ,
+                ENV_TUNER_ID: tuner_id,
+                ENV_ORACLE_IP: oracle.host,
+                ENV_ORACLE_PORT: str(oracle.port),
+                "MLFLOW_TRACKING_URI": uri,
+                "PYTHONUNBUFFERED": "1",
+            }
+            env.setdefault(ENV_ORACLE_TIMEOUT, "600")
             for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):
                 env.setdefault(name, threads)
             sets = [arg for kv in self.overrides for arg in ("--set", kv)]
             # tracking.uri is outside the search id, so this keeps the card's search and points
             # the worker at the chief's store even when the card names another.
-            cmd = [sys.executable, "-m", "toolkit.cli", "tune", self.exp, *sets, "--set", f"tracking.uri={uri}", "--role", "worker", "--oracle", oracle.target]
+            cmd = [
+                sys.executable,
+                "-m",
+                "toolkit.cli",
+                "tune",
+                self.exp,
+                *sets,
+                "--set",
+                f"tracking.uri={uri}",
+                "--role",
+                "worker",
+                "--oracle",
+                oracle.target,
+            ]
             if self.verbose:
                 cmd.append("--verbose")
             # A session of its own: Ctrl-C reaches only the launcher, which stops workers in order.
-            proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if self.verbose else subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if self.verbose else subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
             self.procs[tuner_id] = proc
             for stream in (proc.stdout, proc.stderr):
                 if stream is not None:
-                    relay = threading.Thread(target=_relay, args=(stream, f"[{tuner_id}] "), daemon=True)
+                    relay = threading.Thread(target=_relay, args=(stream, f"[{tuner_id}] ", self._stopping), daemon=True)
                     relay.start()
                     self._relays.append(relay)
 
@@ -770,22 +857,32 @@ class LocalWorkers:
             graceful: The search finished and workers are leaving by themselves. Defaults to False.
         """
         deadline = time.monotonic() + 60
-        for proc in self.procs.values():
-            if graceful:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            _stop_group(proc, grace=20)
-        self.exited()
+        if not graceful:
+            self._stopping.set()  # "interrupted: ..." from each worker would only repeat the launcher's message
+        try:
+            for proc in self.procs.values():
+                if graceful:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                _stop_group(proc, grace=20)
+        except KeyboardInterrupt:  # interrupted while waiting: stop the rest at once
+            for proc in self.procs.values():
+                _stop_group(proc, grace=5)
+            raise
+        for tuner_id, code in self.exited():
+            if code != 0 and graceful:
+                log.warning("worker %s exited with code %d after the search", tuner_id, code)
         for relay in self._relays:
             relay.join(timeout=2)
 
 
-def _relay(stream: IO[bytes], prefix: str) -> None:
-    """Copy a worker's output to ours, line by line, with its id in front."""
+def _relay(stream: IO[bytes], prefix: str, mute: threading.Event) -> None:
+    """Copy a worker's output to ours, line by line, with its id in front, until ``mute`` is set."""
     with stream:
         for line in iter(stream.readline, b""):
-            sys.stderr.write(prefix + line.decode(errors="replace"))
-            sys.stderr.flush()
+            if not mute.is_set():
+                sys.stderr.write(prefix + line.decode(errors="replace"))
+                sys.stderr.flush()
 
 
 class TrackingServer:
@@ -806,13 +903,45 @@ class TrackingServer:
 
     def start(self, timeout: float = 180.0) -> str:
         """Start the server and wait until it answers. Returns its URI."""
+        self.launch()
+        return self.wait(timeout)
+
+    def launch(self) -> str:
+        """Start the server without waiting for it. Returns the URI it will answer on."""
         port = _free_port()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        # One server process: it is then the only writer of the SQLite file.
-        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--artifacts-destination", str(self.artifacts)]
+        # One server process, and no job runner (MLflow 3 starts one by default, for GenAI jobs
+        # a search never submits): the server is then the only writer of the SQLite file, and it
+        # starts several times faster. No access log: one line per request is overhead.
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            self.backend_uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--artifacts-destination",
+            str(self.artifacts),
+            "--uvicorn-opts",
+            "--no-access-log",
+        ]
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         with open(self.log_path, "wb") as out:
-            self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        uri = f"http://127.0.0.1:{port}"
+            self._proc = subprocess.Popen(
+                cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.uri = f"http://127.0.0.1:{port}"
+        return self.uri
+
+    def wait(self, timeout: float = 180.0) -> str:
+        """Wait until the launched server answers. Returns its URI."""
+        uri = self.uri
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -820,12 +949,13 @@ class TrackingServer:
             with contextlib.suppress(OSError):
                 with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
                     if response.status == 200:
-                        self.uri = uri
                         return uri
             time.sleep(0.25)
         self.stop()
         tail = self.log_path.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"`mlflow server` over {self.backend_uri} did not start within {timeout:g}s; its output ({self.log_path}):\n{tail}")
+        raise RuntimeError(
+            f"`mlflow server` over {self.backend_uri} did not start within {timeout:g}s; its output ({self.log_path}):\n{tail}"
+        )
 
     def stop(self) -> None:
         if self._proc is not None:
@@ -868,12 +998,22 @@ def run_local(
         # Created here, on the file, so its artifacts live beside the database as without workers.
         tracking.SearchTracker(cfg, uri).ensure_experiment()
         server = TrackingServer(uri, artifacts=store / "artifacts", log_path=store / "mlflow-server.log")
-        log.info("starting mlflow server over %s", uri)
-        uri = server.start()
+    # Picked now so that the server, the workers and the chief all start at once.
+    oracle = Address("127.0.0.1", _free_port())
     workers = LocalWorkers(n, exp, overrides, verbose=verbose)
+    finished = False
     try:
-        return run_chief(cfg, Address("127.0.0.1", 0), fresh=fresh, uri=uri, workdir=workdir, on_trial=on_trial, workers=workers)
-    finally:
-        workers.stop()
         if server is not None:
-            server.stop()
+            uri = server.launch()
+        workers.start(oracle, uri)
+        if server is not None:
+            server.wait()
+        result = run_chief(cfg, oracle, fresh=fresh, uri=uri, workdir=workdir, on_trial=on_trial, workers=workers)
+        finished = True
+        return result
+    finally:
+        try:
+            workers.stop(graceful=finished)  # after a finished search they are leaving by themselves
+        finally:
+            if server is not None:
+                server.stop()
