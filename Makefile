@@ -3,12 +3,14 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# GPU=1 installs the CUDA build of TensorFlow; later targets keep whichever build was installed last.
+GPU ?= $(if $(wildcard $(VENV)/.installed-cuda),1,0)
+# One stamp per TensorFlow build, so that `make install GPU=1` on a CPU install (or GPU=0 back) re-runs.
+STAMP := $(VENV)/.installed$(if $(filter 1,$(GPU)),-cuda,)
 EXP ?= quickstart
 SET ?=
 WORKERS ?= 0
 PORT ?= 5000
-GPU ?= 0
 PYTEST_ARGS ?=
 
 SET_ARGS := $(foreach kv,$(SET),--set $(kv))
@@ -23,14 +25,24 @@ help: ## list the targets
 
 install: $(STAMP) ## create .venv with the project and its dev extras (GPU=1: CUDA TensorFlow)
 
-# Re-runs only when pyproject.toml changes (or GPU= differs from the last install).
+# Re-runs when pyproject.toml changes or GPU= asks for the other TensorFlow build.
+# tensorflow-cpu and tensorflow install into the same package folder, so both are uninstalled
+# before either is installed (uninstalling one would delete files of the other), and the CUDA
+# build gets the same version as the CPU build that pyproject.toml resolved to.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	@if [ "$(GPU)" = "1" ]; then \
-	  $(BIN)/python -m pip uninstall --quiet -y tensorflow-cpu && \
-	  $(BIN)/python -m pip install --quiet "tensorflow[and-cuda]"; fi
+	@version=$$($(BIN)/python -c "from importlib.metadata import version; print(version('tensorflow-cpu'))"); \
+	if [ "$(GPU)" = "1" ]; then \
+	  echo "installing tensorflow[and-cuda]==$$version in place of tensorflow-cpu"; \
+	  $(BIN)/python -m pip uninstall --quiet -y tensorflow-cpu tensorflow && \
+	  $(BIN)/python -m pip install --quiet "tensorflow[and-cuda]==$$version"; \
+	elif $(BIN)/python -m pip show --quiet tensorflow >/dev/null 2>&1; then \
+	  echo "installing tensorflow-cpu==$$version in place of the CUDA build"; \
+	  $(BIN)/python -m pip uninstall --quiet -y tensorflow tensorflow-cpu && \
+	  $(BIN)/python -m pip install --quiet "tensorflow-cpu==$$version"; fi
+	@rm -f $(VENV)/.installed $(VENV)/.installed-cuda
 	@touch $(STAMP)
 
 tune: install ## run a search: make tune EXP=quickstart [SET="train.epochs=5"] [WORKERS=2]
