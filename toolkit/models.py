@@ -54,6 +54,7 @@ class MLPHyperModel(kt.HyperModel):
         variance: Per-feature variances of the training split.
         train: The card's training section. Defaults to ``TrainConfig()``.
         n_train: Training samples, used to choose ``steps_per_execution``. Defaults to 1000.
+        target_stats: Training targets' mean and standard deviation (regression). Defaults to (0, 1).
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class MLPHyperModel(kt.HyperModel):
         variance: np.ndarray | None = None,
         train: TrainConfig | None = None,
         n_train: int = 1000,
+        target_stats: tuple[float, float] = (0.0, 1.0),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -77,6 +79,7 @@ class MLPHyperModel(kt.HyperModel):
         self.variance = variance
         self.train = train or TrainConfig()
         self.n_train = n_train
+        self.target_stats = target_stats
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
         # The card's precision policy holds for this build only. KerasTuner calls
@@ -121,7 +124,12 @@ class MLPHyperModel(kt.HyperModel):
             loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]
         else:
             dense = keras.layers.Dense(1, dtype="float32", name="output_dense")(x)
-            outputs = keras.layers.Reshape((), dtype="float32", name="output")(dense)
+            # The network predicts a standardized target and this layer puts it back in the
+            # data's units (training statistics only), so a target in the hundreds starts at
+            # its mean and trains as fast as one near zero, and the model serves raw units.
+            mean, std = self.target_stats
+            rescaled = keras.layers.Rescaling(scale=std, offset=mean, dtype="float32", name="unstandardize")(dense)
+            outputs = keras.layers.Reshape((), dtype="float32", name="output")(rescaled)
             loss, metrics = "mse", ["mae"]
         model = keras.Model(inputs, outputs, name="mlp")
         n_params = model.count_params()
@@ -155,4 +163,5 @@ def build_hypermodel(cfg: Any, dataset: Any) -> MLPHyperModel:
         variance=variance,
         train=cfg.train,
         n_train=len(dataset.x_train),
+        target_stats=dataset.target_stats() if dataset.task == "regression" else (0.0, 1.0),
     )
