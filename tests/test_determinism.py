@@ -41,3 +41,15 @@ def test_same_seed_and_card_give_the_same_trials(tmp_path, monkeypatch):
         result = run_search(shrunk("quickstart", "train.epochs=1", "tracking.log_model=false", "tracking.report=false", "train.diagnostics=false"))
         values.append([(t.hyperparameters, round(t.metrics["val_accuracy"], 6)) for t in result.trials])
     assert values[0] == values[1]
+
+
+def test_an_edited_data_file_is_a_new_search(tmp_path):
+    from toolkit.tuning import search_id
+
+    csv = tmp_path / "d.csv"
+    csv.write_text("a,label\n1,x\n2,y\n")
+    cfg = validate({"name": "f", "data": {"source": str(csv), "target": "label"}})
+    first = search_id(cfg)
+    assert search_id(cfg) == first  # stable while the file is unchanged
+    csv.write_text("a,label\n1,x\n3,y\n")
+    assert search_id(cfg) != first

@@ -22,7 +22,7 @@ import yaml
 from keras_tuner.src import config as kt_config
 
 from toolkit import tracking
-from toolkit.config import ConfigError, ExperimentConfig, objective_direction
+from toolkit.config import FILE_SUFFIXES, ConfigError, ExperimentConfig, objective_direction
 from toolkit.data import Dataset, load_dataset, make_pipeline
 from toolkit.models import build_hypermodel
 from toolkit.strategy import StrategyInfo, make_strategy
@@ -83,12 +83,25 @@ def search_id(cfg: ExperimentConfig) -> str:
     """A stable id for a card's search: the same card resumes, a changed card starts anew.
 
     ``tuner.max_trials`` and ``tracking`` are left out, so a search can be extended and moved.
+    A user's data file counts by content: the same card over an edited file is a new search,
+    since resuming would mix trials trained on different data.
     """
     card = cfg.to_dict()
     card["tuner"].pop("max_trials", None)
     card.pop("tracking", None)
+    source = Path(cfg.data.source).expanduser()
+    if cfg.data.source.lower().endswith(FILE_SUFFIXES) and source.is_file():
+        card["data"]["content_sha256"] = _file_sha256(source)
     digest = hashlib.sha256(json.dumps(card, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.name}-{digest}"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _nan_epoch(history: Any) -> int | None:
