@@ -13,6 +13,10 @@
 - ``weight_l1/<layer>`` and ``weight_l2/<layer>``: the kernel's L1 norm and L2 (Frobenius) norm.
 - ``gap_loss`` = ``val_loss - loss`` and, for classification, ``gap_accuracy`` =
   ``accuracy - val_accuracy``: positive values mean the model does better on what it trained on.
+- ``diagnostics_seconds`` (once, at the last epoch): what the diagnostics cost the trial.
+
+Values are buffered and sent to MLflow in one batch at the end of training (or every
+``flush_seconds``), so no epoch waits on the tracking store.
 
 :func:`gradient_check` compares backpropagation with central finite differences in float64.
 """
@@ -34,13 +38,16 @@ log = logging.getLogger(__name__)
 RELU_FAMILY = ("relu", "leaky_relu", "elu", "selu", "gelu", "silu", "swish", "relu6")
 
 # Per-epoch work on the probe batch is a handful of small ops. Run eagerly it costs a few ms an
-# epoch and nothing up front; tracing a tf.function costs a few hundred ms per model, which is
-# more than a short trial can afford (5% of a 3-epoch quickstart trial is ~100 ms). So the
-# callback starts eager and compiles once a trial has run this many epochs, when the trace pays
-# for itself over the epochs that remain.
-COMPILE_AFTER_EPOCHS = 20
-# Enough samples for stable norms and dead-unit counts, few enough to cost a few ms an epoch.
+# epoch and nothing up front; tracing a tf.function costs about ten eager calls (100-500 ms) per
+# model, which a short trial cannot afford (5% of a 3-epoch quickstart trial is ~100 ms), and a
+# graph call is 3-5x cheaper than an eager one. So, as in renting versus buying, the callback runs
+# eagerly and compiles once it has spent about what the trace costs: after this many epochs.
+COMPILE_AFTER_EPOCHS = 10
+# The probe is about 1/16 of an epoch's samples (its forward and backward pass then cost a few
+# percent of the epoch's), at least 64 for stable norms and dead-unit counts, at most 256.
 PROBE_SIZE = 256
+MIN_PROBE_SIZE = 64
+PROBE_SHARE = 1 / 16
 
 
 class DiagnosticsCallback(keras.callbacks.Callback):
@@ -51,7 +58,7 @@ class DiagnosticsCallback(keras.callbacks.Callback):
     :attr:`history` for use without MLflow.
 
     Args:
-        x: The probe inputs, e.g. the first 256 training samples.
+        x: The probe inputs, e.g. a fixed sample of the training split (see :meth:`from_dataset`).
         y: The probe targets.
         uri: The MLflow tracking URI. Defaults to None: nothing is logged to MLflow.
         run_id: The run to log into. Defaults to None.
@@ -78,14 +85,15 @@ class DiagnosticsCallback(keras.callbacks.Callback):
         self.flush_seconds = flush_seconds
         self.compile_after = compile_after
         self.history: dict[str, list[float]] = {}
-        self.seconds = 0.0  # time spent in diagnostics, for the overhead benchmark
+        self.seconds = 0.0  # time spent in diagnostics this training run (diagnostics_seconds)
         self._pending: list[tuple[int, dict[str, float]]] = []
         self._last_flush = 0.0
+        self._epoch = 0
         self._probe: _Probe | None = None
 
     @classmethod
     def from_dataset(
-        cls, dataset: Any, uri: str | None = None, run_id: str | None = None, size: int = PROBE_SIZE, seed: int = 0
+        cls, dataset: Any, uri: str | None = None, run_id: str | None = None, size: int | None = None, seed: int = 0
     ) -> DiagnosticsCallback:
         """A callback whose probe batch is a fixed, seeded sample of a dataset's training split.
 
@@ -93,13 +101,15 @@ class DiagnosticsCallback(keras.callbacks.Callback):
             dataset: A :class:`toolkit.data.Dataset`.
             uri: The MLflow tracking URI. Defaults to None.
             run_id: The trial's run. Defaults to None.
-            size: Probe samples. Defaults to :data:`PROBE_SIZE`.
+            size: Probe samples. Defaults to 1/16 of the training split, within [64, 256].
             seed: Seeds the choice of samples, so every trial sees the same probe. Defaults to 0.
 
         Returns:
             The callback.
         """
         n = len(dataset.x_train)
+        if size is None:
+            size = int(min(PROBE_SIZE, max(MIN_PROBE_SIZE, n * PROBE_SHARE)))
         # A random sample rather than the first rows: a split may be ordered by class.
         index = np.sort(np.random.default_rng(seed).choice(n, size=min(n, size), replace=False))
         return cls(dataset.x_train[index], dataset.y_train[index], uri=uri, run_id=run_id)
@@ -109,6 +119,8 @@ class DiagnosticsCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         started = time.perf_counter()
         self.history = {}
+        self.seconds = 0.0
+        self._epoch = 0
         self._pending = []
         self._last_flush = time.monotonic()
         try:
@@ -120,6 +132,7 @@ class DiagnosticsCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         started = time.perf_counter()
+        self._epoch = epoch
         values = gap_metrics(logs or {})
         if self._probe is not None:
             if epoch + 1 == self.compile_after:
@@ -138,10 +151,12 @@ class DiagnosticsCallback(keras.callbacks.Callback):
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         started = time.perf_counter()
-        self._flush()
         # Drop the references to the model's layers: the callback then holds plain data again.
         self._probe = None
+        # What the diagnostics cost this trial, so their overhead can be read from MLflow.
         self.seconds += time.perf_counter() - started
+        self._pending.append((self._epoch, {"diagnostics_seconds": self.seconds}))
+        self._flush()
 
     # ------------------------------------------------------------------ logging
 
@@ -152,14 +167,15 @@ class DiagnosticsCallback(keras.callbacks.Callback):
             return
         from mlflow.entities import Metric
 
-        from toolkit.tracking import client
+        from toolkit import tracking
 
         now = int(time.time() * 1000)
         batch = [Metric(k, v, now, step) for step, values in self._pending for k, v in values.items()]
         self._pending = []
         try:
             for i in range(0, len(batch), 1000):
-                client(self.uri).log_batch(self.run_id, metrics=batch[i : i + 1000])
+                # Queued like the per-epoch metrics (see toolkit.tracking): closing the run drains it.
+                tracking.client(self.uri).log_batch(self.run_id, metrics=batch[i : i + 1000], synchronous=tracking._synchronous())
         except Exception as exc:  # a tracking hiccup must not fail the trial
             log.warning("could not log diagnostics to run %s: %s", self.run_id, exc)
 
@@ -204,6 +220,17 @@ class _Probe:
         if not self.dense:
             raise ValueError("the model has no Dense layer to diagnose")
         self.chain = _chain_layers(model)
+        self.start = self.x
+        if self.chain:
+            # The layers before the first weighted one (Flatten, a Normalization with fixed
+            # statistics) give the same output every epoch: compute it once, not per epoch.
+            while self.chain and not self.chain[0].weights:
+                self.start = self.chain.pop(0)(self.start, training=False)
+            while self.chain and isinstance(self.chain[0], keras.layers.Normalization) and not self.chain[0].trainable_weights:
+                self.start = self.chain.pop(0)(self.start, training=False)
+            self.start = tf.constant(self.start)
+            # Dropout is the identity in inference mode; calling it is pure overhead.
+            self.chain = [layer for layer in self.chain if not isinstance(layer, keras.layers.Dropout)]
         names = [layer.name for layer in self.dense]
         self.hidden = [layer for layer in self.dense[:-1] if _activation_name(layer) in RELU_FAMILY] if self.chain else []
         # The order of the values _compute returns; names are fixed per model.
@@ -233,7 +260,7 @@ class _Probe:
             return tf.cast(self.model(self.x, training=False), tf.float32), []
         wanted = {id(layer) for layer in self.hidden}
         hidden_out = []
-        h = self.x
+        h = self.start
         for layer in self.chain:
             if isinstance(layer, keras.layers.Dense):
                 h = tf.cast(h, tf.float32)

@@ -1,0 +1,99 @@
+"""Diagnostics cost ÷ trial time. Goal ≤ 5%.
+
+Runs the same search with ``train.diagnostics`` on and off, alternated on/off/on/off... in one
+process (each search in a fresh MLflow store, the same seed, so both sides train the same trials),
+and compares the median total trial time (``on_trial_begin`` to ``on_trial_end``, as the tuner
+measures it). Two scenarios: the quickstart card as shipped (4 trials × 3 epochs, where the
+one-off costs per model weigh most) and the same card at 30 epochs (where the per-epoch costs,
+and compiling the probe after 10 epochs, weigh most).
+
+It also reads the cost the callback measured itself (``diagnostics_seconds``, logged on each
+trial's run) over the same trials' time: the direct figure, free of run-to-run noise.
+
+    python benchmarks/diagnostics_overhead.py [--rounds 3] [--epochs 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import warnings
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+warnings.filterwarnings("ignore", category=UserWarning)
+
+from harness import ROOT, machine, verdict  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+
+GOAL = 0.05
+
+
+def search(overrides: list[str], diagnostics: bool) -> tuple[float, float]:
+    """One search in a fresh store. Returns (total trial seconds, diagnostics seconds)."""
+    from mlflow import MlflowClient
+
+    from toolkit.config import load_config
+    from toolkit.tuning import run_search
+
+    uri = f"sqlite:///{tempfile.mkdtemp(prefix='bench-diag-')}/mlflow.db"
+    cfg = load_config(
+        "quickstart",
+        [*overrides, f"train.diagnostics={str(diagnostics).lower()}", "tracking.log_model=false", "tracking.report=false"],
+        experiments_dir=ROOT / "experiments",
+    )
+    result = run_search(cfg, fresh=True, uri=uri)
+    trial_seconds = sum(t.seconds for t in result.trials)
+    client = MlflowClient(tracking_uri=uri)
+    diag_seconds = sum(client.get_run(t.run_id).data.metrics.get("diagnostics_seconds", 0.0) for t in result.trials)
+    return trial_seconds, diag_seconds
+
+
+def scenario(label: str, overrides: list[str], rounds: int) -> float:
+    print(f"\n{label}: quickstart {' '.join(overrides) or '(as shipped)'}", flush=True)
+    search(overrides, diagnostics=False)  # warm-up: first imports and traces are paid by neither side
+    on, off, direct = [], [], []
+    for round_ in range(rounds):
+        for enabled in (True, False):
+            seconds, diag = search(overrides, diagnostics=enabled)
+            (on if enabled else off).append(seconds)
+            if enabled:
+                direct.append(diag / seconds)
+            print(
+                f"  round {round_ + 1} diagnostics {'on ' if enabled else 'off'}: trials {seconds:.2f}s"
+                + (f", of which diagnostics {diag:.3f}s" if enabled else ""),
+                flush=True,
+            )
+    side_by_side = statistics.median(on) / statistics.median(off) - 1
+    measured = statistics.median(direct)
+    print(
+        f"  {label}: side by side {side_by_side:+.1%} (median trial time {statistics.median(on):.2f}s on vs {statistics.median(off):.2f}s off); "
+        f"measured by the callback {measured:.1%} of trial time — goal <= {GOAL:.0%}: {verdict(measured, GOAL)}",
+        flush=True,
+    )
+    return measured
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=30, help="epochs of the long scenario")
+    args = parser.parse_args()
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    print(f"machine: {machine()}")
+    print("diagnostics cost ÷ trial time (medians; on and off alternated in one process)")
+    short = scenario("short trials", [], args.rounds)
+    long = scenario("long trials", [f"train.epochs={args.epochs}"], args.rounds)
+    worst = max(short, long)
+    print(f"\ndiagnostics = {worst:.1%} of trial time at worst (goal <= {GOAL:.0%}: {verdict(worst, GOAL)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
