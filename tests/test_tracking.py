@@ -271,8 +271,10 @@ def test_champion_is_served_over_http(champion_search, monkeypatch):
     cfg, _, _, uri, store = champion_search
     dataset = load_dataset(cfg.data, cfg.seed)
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    venv_bin = str(Path(sys.executable).parent)
+    # The scoring server is started through a shell that looks uvicorn up on PATH.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
+    mlflow_bin = str(Path(venv_bin) / "mlflow")
     cmd = [mlflow_bin, "models", "serve", "-m", "models:/quickstart@champion", "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
     server = subprocess.Popen(cmd, env=env, cwd=store.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -297,13 +299,21 @@ def test_champion_is_served_over_http(champion_search, monkeypatch):
         assert served.shape == (8, 10)
         np.testing.assert_allclose(served, local, atol=1e-5)
     finally:
-        # The server forks gunicorn/uvicorn workers: stop the whole group it leads.
-        os.killpg(server.pid, signal.SIGTERM)
+        # The server forks uvicorn workers: stop the whole group it leads.
+        _stop_group(server)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    for signum in (signal.SIGTERM, signal.SIGKILL):
         try:
-            server.wait(timeout=30)
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:  # already gone
+            pass
+        try:
+            proc.wait(timeout=30)
+            return
         except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+            continue
 
 
 @pytest.mark.slow

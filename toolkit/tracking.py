@@ -97,23 +97,41 @@ def _finite_metrics(logs: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-    """Log several metrics in one batched call."""
+def _synchronous() -> bool:
+    # Per-trial logging is asynchronous by default: MLflow's queue writes in a background thread
+    # while training goes on, and closing the run (set_terminated) drains it. Set
+    # TOOLKIT_ASYNC_LOGGING=0 to make every call wait for the store.
+    return os.environ.get("TOOLKIT_ASYNC_LOGGING", "1") == "0"
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0, synchronous: bool = True) -> None:
+    """Log several metrics in one batched call.
+
+    Args:
+        uri: The tracking URI.
+        run_id: The run.
+        metrics: Name → value.
+        step: The step (the epoch for curves). Defaults to 0.
+        synchronous: Wait for the store. Defaults to True; False queues the batch in MLflow's
+            async logger (drained when the run is closed).
+    """
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     batch = [Metric(key, value, now, step) for key, value in metrics.items()]
+    sync = synchronous or _synchronous()
     for i in range(0, len(batch), 1000):
-        client(uri).log_batch(run_id, metrics=batch[i : i + 1000])
+        client(uri).log_batch(run_id, metrics=batch[i : i + 1000], synchronous=sync)
 
 
-def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
-    """Log params in batches of 100 (MLflow's per-call limit)."""
+def log_params(uri: str, run_id: str, params: dict[str, Any], synchronous: bool = True) -> None:
+    """Log params in batches of 100 (MLflow's per-call limit); ``synchronous`` as for :func:`log_metrics`."""
     from mlflow.entities import Param
 
     items = [Param(key, _param_value(value)) for key, value in params.items()]
+    sync = synchronous or _synchronous()
     for i in range(0, len(items), 100):
-        client(uri).log_batch(run_id, params=items[i : i + 100])
+        client(uri).log_batch(run_id, params=items[i : i + 100], synchronous=sync)
 
 
 # What the logged model needs to be loaded and served. Listing them is the documented way to
@@ -261,7 +279,8 @@ class EpochLogger(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         metrics = _finite_metrics(logs or {})
         if metrics:
-            log_metrics(self.uri, self.run_id, metrics, step=epoch)
+            # Queued, not awaited: an epoch's end must not wait for the store.
+            log_metrics(self.uri, self.run_id, metrics, step=epoch, synchronous=False)
 
 
 class SearchTracker:
@@ -480,7 +499,7 @@ class SearchTracker:
         run = self.client.create_run(self.ensure_experiment(), tags=all_tags, run_name=f"trial-{trial_id}")
         run_id = run.info.run_id
         self.open_runs.add(run_id)
-        log_params(self.uri, run_id, hyperparameters)
+        log_params(self.uri, run_id, hyperparameters, synchronous=False)
         return run_id
 
     def end_trial(self, run_id: str, status: str, failure: str | None = None, metrics: dict[str, float] | None = None, details: str | None = None) -> None:
@@ -504,7 +523,8 @@ class SearchTracker:
         tags = [RunTag("toolkit.failure", failure[-4000:])] if failure else []
         batch = [Metric(key, float(value), now, 0) for key, value in (metrics or {}).items() if value is not None]
         if tags or batch:
-            self.client.log_batch(run_id, metrics=batch, tags=tags)
+            self.client.log_batch(run_id, metrics=batch, tags=tags, synchronous=_synchronous())
+        # Drains MLflow's async queue first, so the run is complete once it is closed.
         self.client.set_terminated(run_id, status=status)
         self.open_runs.discard(run_id)
 
