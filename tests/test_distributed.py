@@ -249,7 +249,8 @@ def test_four_workers_on_the_embedded_sqlite_store_lose_no_metric_point(tmp_path
     points = 0
     for trial in trials:
         assert trial.info.status == "FINISHED"
-        per_epoch = [k for k in trial.data.metrics if not k.startswith("best_") and k not in ("trial_seconds", "best_epoch")]
+        # Every curve (Keras' metrics and the diagnostics' per-layer ones); not the one-off summaries.
+        per_epoch = [k for k in trial.data.metrics if not k.startswith("best_") and not k.endswith("_seconds")]
         assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(per_epoch)
         for key in per_epoch:
             steps = sorted(m.step for m in mlflow_client.get_metric_history(trial.info.run_id, key))
@@ -285,52 +286,55 @@ def _alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _launch(tmp_path: Path, uri: str, experiment: str, *sets: str) -> subprocess.Popen:
+    """``toolkit tune --workers 2`` on iris in the background, logging to ``uri``."""
+    cmd = [PYTHON, "-m", "toolkit.cli", "tune", CARD, "--workers", "2"]
+    base = (
+        "data.source=iris",
+        f"tracking.experiment={experiment}",
+        "train.diagnostics=false",
+        "tracking.log_model=false",
+        "tracking.report=false",
+    )
+    for kv in (*base, *sets):
+        cmd += ["--set", kv]
+    return subprocess.Popen(cmd, cwd=tmp_path, env=_env(uri), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _mid_trial(client, experiment: str, launcher: subprocess.Popen, children: dict[int, str], worker: str | None = None):
+    """Wait for a trial run (of ``worker``) that has logged 3 epochs and has more to go."""
+    deadline = time.monotonic() + 240
+    query = "attributes.status = 'RUNNING' and tags.`toolkit.role` = 'trial'"
+    if worker:
+        query += f" and tags.`toolkit.worker` = '{worker}'"
+    while time.monotonic() < deadline and launcher.poll() is None:
+        time.sleep(0.3)
+        children.update(_children(launcher.pid))
+        exp = client.get_experiment_by_name(experiment)
+        running = client.search_runs([exp.experiment_id], query) if exp else []
+        if running and len(client.get_metric_history(running[0].info.run_id, "loss")) >= 3:
+            return running[0]
+    raise AssertionError(f"no trial of {worker or 'any worker'} ran; launcher exit {launcher.poll()}")
+
+
 @pytest.mark.slow
 def test_a_worker_killed_mid_trial_does_not_hang_the_search(tmp_path, tracking_server):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_server)
-    cmd = [PYTHON, "-m", "toolkit.cli", "tune", CARD, "--workers", "2"]
-    for kv in (
-        "tuner.max_trials=3",
-        "train.epochs=60",
-        "data.source=iris",
-        "tuner.max_retries_per_trial=1",
-        "tracking.experiment=killed",
-        "train.diagnostics=false",
-        "tracking.log_model=false",
-        "tracking.report=false",
-    ):
-        cmd += ["--set", kv]
-    launcher = subprocess.Popen(
-        cmd, cwd=tmp_path, env=_env(tracking_server), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    launcher = _launch(
+        tmp_path, tracking_server, "killed", "tuner.max_trials=3", "train.epochs=60", "tuner.max_retries_per_trial=1"
     )
     children: dict[int, str] = {}
-    victim = None
     try:
-        deadline = time.monotonic() + 240
-        while victim is None and time.monotonic() < deadline and launcher.poll() is None:
-            time.sleep(0.3)
-            children.update(_children(launcher.pid))
-            exp = client.get_experiment_by_name("killed")
-            if exp is None:
-                continue
-            running = client.search_runs(
-                [exp.experiment_id], "tags.`toolkit.worker` = 'tuner1' and attributes.status = 'RUNNING'"
-            )
-            # Mid-trial: the run has logged a few epochs and has more to go.
-            if running and len(client.get_metric_history(running[0].info.run_id, "loss")) >= 3:
-                victim = running[0].data.tags["toolkit.trial_id"]
-                pid = next(p for p, tuner in children.items() if tuner == "tuner1")
-                os.kill(pid, signal.SIGKILL)
-        assert victim is not None, "tuner1 never ran a trial"
+        victim = _mid_trial(client, "killed", launcher, children, worker="tuner1").data.tags["toolkit.trial_id"]
+        os.kill(next(p for p, tuner in children.items() if tuner == "tuner1"), signal.SIGKILL)
         stdout, stderr = launcher.communicate(timeout=240)
     finally:
         if launcher.poll() is None:
             launcher.kill()
     assert launcher.returncode == 0, stderr
     assert "worker tuner1 exited with code -9" in stderr
-    exp = client.get_experiment_by_name("killed")
     parents, trials = _search(client, "killed")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     finished = Counter(t.data.tags["toolkit.trial_id"] for t in trials if t.info.status == "FINISHED")
@@ -339,6 +343,29 @@ def test_a_worker_killed_mid_trial_does_not_hang_the_search(tmp_path, tracking_s
     assert [t.info.status for t in lost] == ["KILLED"]
     assert "hands the trial to another worker" in lost[0].data.tags["toolkit.failure"]
     assert not [p for p in children if _alive(p)], "a child process outlived the launcher"
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_worker_and_marks_the_runs_killed(tmp_path, tracking_server):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_server)
+    launcher = _launch(tmp_path, tracking_server, "interrupted", "tuner.max_trials=4", "train.epochs=300")
+    children: dict[int, str] = {}
+    try:
+        _mid_trial(client, "interrupted", launcher, children)
+        launcher.send_signal(signal.SIGINT)
+        stdout, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 130, stderr
+    assert "interrupted: open runs were marked KILLED" in stderr
+    assert sorted(children.values()) == ["tuner0", "tuner1"]
+    assert not [p for p in children if _alive(p)], "a worker outlived the launcher"
+    parents, trials = _search(client, "interrupted")
+    assert [p.info.status for p in parents] == ["KILLED"]
+    assert trials and "RUNNING" not in {t.info.status for t in trials}
 
 
 @pytest.mark.slow

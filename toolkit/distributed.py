@@ -171,7 +171,10 @@ def main(cfg: ExperimentConfig, args: Any) -> int:
         tuner_id = os.environ.get(ENV_TUNER_ID) or default_tuner_id()
         if "chief" in tuner_id:  # KerasTuner treats any id containing "chief" as the chief
             raise ConfigError(f"{ENV_TUNER_ID} of a worker must not contain 'chief'. Received: {tuner_id!r}", field=ENV_TUNER_ID)
-        run_worker(cfg, oracle, tuner_id)
+        # A worker has nothing to say on stdout (the chief reports progress); muted, it does not
+        # repeat MLflow's run links or KerasTuner's stray prints (see Chief.__call__).
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stdout if args.verbose else devnull):
+            run_worker(cfg, oracle, tuner_id)
         return EXIT_OK
     raise ConfigError("a distributed search needs --workers N, --role chief or --role worker", field="--role")
 
