@@ -40,15 +40,18 @@ def read_artifact(client, run_id: str, path: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def champion_search(tmp_path_factory):
+def champion_search(tmp_path_factory, _empty_store_db):
     """One search with a test split and the best model logged, shared by the tests that read it."""
+    import shutil
+
     tmp = tmp_path_factory.mktemp("champion")
     (tmp / "store").mkdir()
+    shutil.copyfile(_empty_store_db, tmp / "store" / "mlflow.db")
     uri = f"sqlite:///{tmp / 'store' / 'mlflow.db'}"
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
-        cfg = shrunk("quickstart", "tuner.max_trials=2", "train.epochs=2", "data.test_split=0.2", "train.diagnostics=false", "space.activation=relu", "space.optimizer=adam", "space.learning_rate=0.01")
+        cfg = shrunk("quickstart", "tuner.max_trials=2", "train.epochs=2", "data.test_split=0.2", "train.diagnostics=false", "tracking.report=false", "space.activation=relu", "space.optimizer=adam", "space.learning_rate=0.01")
         result = run_search(cfg)
     finally:
         if old is None:
@@ -151,7 +154,7 @@ def test_only_the_best_checkpoint_is_kept(champion_search):
 
 def test_nan_loss_fails_the_trial_and_the_search_still_finishes(store, mlflow_client):
     # Plain SGD at learning rate 50 diverges: the loss turns NaN within the first epoch.
-    cfg = shrunk("quickstart", "space.learning_rate=50", "space.optimizer=sgd", "space.activation=relu", "tuner.max_trials=3", "tuner.max_consecutive_failed_trials=10", "train.diagnostics=false")
+    cfg = shrunk("quickstart", "space.learning_rate=50", "space.optimizer=sgd", "space.activation=relu", "tuner.max_trials=3", "tuner.max_consecutive_failed_trials=10", "train.diagnostics=false", "tracking.report=false")
     result = run_search(cfg)
 
     parents, trials = runs_by_role(mlflow_client, "quickstart")
@@ -174,7 +177,7 @@ def test_consecutive_failures_stop_the_search_cleanly_and_exit_1(store, mlflow_c
     # parent tagged toolkit.stopped) and the exit code is 1, since there is no model to use.
     from toolkit import cli
 
-    sets = ["space.learning_rate=50", "space.optimizer=sgd", "space.activation=relu", "tuner.max_trials=5", "tuner.max_consecutive_failed_trials=2", "train.epochs=1", "train.diagnostics=false"]
+    sets = ["space.learning_rate=50", "space.optimizer=sgd", "space.activation=relu", "tuner.max_trials=5", "tuner.max_consecutive_failed_trials=2", "train.epochs=1", "train.diagnostics=false", "tracking.report=false"]
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
         code = cli.main(["tune", QUICKSTART, *[a for s in sets for a in ("--set", s)]])
@@ -201,7 +204,7 @@ def test_an_exception_in_build_fails_the_trial_with_its_reason(store, mlflow_cli
     from toolkit.strategy import make_strategy
     from toolkit.tuning import make_tuner
 
-    cfg = shrunk("quickstart", "train.diagnostics=false")
+    cfg = shrunk("quickstart", "train.diagnostics=false", "tracking.report=false")
     dataset = load_dataset(cfg.data, cfg.seed)
 
     class Broken(kt.HyperModel):
@@ -233,7 +236,7 @@ def test_an_exception_in_build_fails_the_trial_with_its_reason(store, mlflow_cli
 
 
 def test_an_interrupt_marks_the_open_runs_killed(store, mlflow_client):
-    cfg = shrunk("quickstart", "tuner.max_trials=3", "tracking.log_model=false", "train.diagnostics=false")
+    cfg = shrunk("quickstart", "tuner.max_trials=3", "tracking.log_model=false", "train.diagnostics=false", "tracking.report=false")
 
     def stop_after_first(result):
         raise KeyboardInterrupt
@@ -322,7 +325,7 @@ def test_a_signal_mid_trial_exits_130_with_the_runs_killed(tmp_path, signum):
     (tmp_path / "store").mkdir()
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    sets = ["tuner.max_trials=3", "train.epochs=200", "train.diagnostics=false"]
+    sets = ["tuner.max_trials=3", "train.epochs=200", "train.diagnostics=false", "tracking.report=false"]
     args = [sys.executable, "-m", "toolkit.cli", "tune", QUICKSTART, *[a for s in sets for a in ("--set", s)]]
     proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     from mlflow import MlflowClient
