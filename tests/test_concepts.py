@@ -57,7 +57,7 @@ def test_activations_relu_beats_sigmoid_when_deep_and_sigmoid_gradients_vanish(s
 
 @pytest.mark.slow
 def test_nonlinearity_linear_stays_near_chance_while_tanh_and_relu_fit_xor(store):
-    data = _search("nonlinearity", "tuner.max_trials=3", "train.epochs=20")
+    data = _search("nonlinearity", "space.depth=2", "tuner.max_trials=3", "train.epochs=20")
     trials = _by(data, "activation")
     assert trials["linear"]["objective"] < 0.7  # chance is 0.5 on balanced XOR
     assert trials["tanh"]["objective"] > 0.9

@@ -444,7 +444,7 @@ def overfitting_findings(data: SearchData) -> list[str]:
         if low < val.size - 1 and rise > OVERFIT_RISE and train[-1] < train[low]:
             overfit.append((rise, low, row))
     if checked == 0:
-        return [f"Overfitting: {NOT_ENOUGH} (curves of at least 3 epochs are needed)."]
+        return ["Overfitting: not enough epochs to say (curves of at least 3 epochs are needed)."]
     out = []
     if overfit:
         rise, low, row = max(overfit, key=lambda t: t[0])
@@ -640,10 +640,11 @@ def hyperparameter_importance(data: SearchData, seed: int = 0) -> Importance:
     done = data.finished
     features = data.varying
     if len(done) < MIN_IMPORTANCE_TRIALS or not features:
+        enough = len(done) >= MIN_IMPORTANCE_TRIALS
         why = (
-            f"{len(done)} finished trial(s); the surrogate needs {MIN_IMPORTANCE_TRIALS}"
-            if features
-            else "no hyperparameter was varied"
+            "no hyperparameter was varied"
+            if enough
+            else f"{len(done)} finished trial(s); the surrogate needs {MIN_IMPORTANCE_TRIALS}"
         )
         return Importance(None, f"{NOT_ENOUGH} ({why}).", n_trials=len(done))
     from sklearn.ensemble import RandomForestRegressor
@@ -763,6 +764,8 @@ def plot_activation_depth(data: SearchData, out: Path) -> Path | None:
     done = data.finished
     if done.empty or "activation" not in done or "depth" not in done:
         return None
+    if done["activation"].nunique() < 2 and done["depth"].nunique() < 2:
+        return None  # one cell: the heatmap would say nothing
     mean = done.pivot_table(index="activation", columns="depth", values="objective", aggfunc="mean")
     count = done.pivot_table(index="activation", columns="depth", values="objective", aggfunc="count")
     fig = _figure(1.6 + 1.1 * mean.shape[1], 1.4 + 0.6 * mean.shape[0])
@@ -773,7 +776,11 @@ def plot_activation_depth(data: SearchData, out: Path) -> Path | None:
         for j in range(mean.shape[1]):
             value, n = mean.iat[i, j], count.iat[i, j]
             if not _missing(value):
-                ax.text(j, i, f"{_value(data.objective, value)}\nn={int(n)}", ha="center", va="center", fontsize=8, color="white")
+                # Dark text on the bright end of the colour map, light text on the dark end.
+                shade = image.norm(value)
+                bright = shade > 0.5 if data.direction == "max" else shade < 0.5
+                text = f"{_value(data.objective, value)}\nn={int(n)}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black" if bright else "white")
     ax.set_xticks(range(mean.shape[1]), [str(int(d)) for d in mean.columns])
     ax.set_yticks(range(mean.shape[0]), list(mean.index))
     ax.set(xlabel="depth (hidden layers)", ylabel="activation", title=f"mean {data.objective}")
@@ -826,8 +833,8 @@ def plot_gap_vs_regularization(data: SearchData, out: Path) -> Path | None:
     """gap_loss (val_loss − loss) against the L1 and L2 strengths."""
     done = data.finished
     names = [n for n in ("l1", "l2") if n in done and pd.api.types.is_numeric_dtype(done[n])]
-    if done.empty or not names or "gap_loss" not in done:
-        return None
+    if done.empty or "gap_loss" not in done or not any(done[n].nunique() > 1 for n in names):
+        return None  # no L1/L2 strength was varied: nothing to plot against
     fig = _figure(5 * len(names), 3.6)
     axes = np.atleast_1d(fig.subplots(1, len(names)))
     for ax, name in zip(axes, names, strict=True):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from typing import Any
 
 import keras
@@ -37,12 +38,15 @@ log = logging.getLogger(__name__)
 # Activations whose units can switch off: output <= 0 for every input of the probe batch.
 RELU_FAMILY = ("relu", "leaky_relu", "elu", "selu", "gelu", "silu", "swish", "relu6")
 
-# Per-epoch work on the probe batch is a handful of small ops. Run eagerly it costs a few ms an
-# epoch and nothing up front; tracing a tf.function costs about ten eager calls (100-500 ms) per
-# model, which a short trial cannot afford (5% of a 3-epoch quickstart trial is ~100 ms), and a
-# graph call is 3-5x cheaper than an eager one. So, as in renting versus buying, the callback runs
-# eagerly and compiles once it has spent about what the trace costs: after this many epochs.
-COMPILE_AFTER_EPOCHS = 10
+# Per-epoch work on the probe batch is a few dozen small ops. Run eagerly it costs a few ms an
+# epoch and nothing up front. A tf.function runs it 3-5x faster but its trace costs 100-300 ms,
+# more than a short trial can afford (5% of a 3-epoch quickstart trial is ~100 ms). So trials
+# planned for at least this many epochs compile it (at the second epoch) and short ones stay
+# eager. The trace is shared by every later model of the same architecture (see _COMPILED).
+COMPILE_MIN_EPOCHS = 30
+# The share of an epoch's time the probe computation may take. Epochs shorter than the
+# computation ÷ this share are measured every k-th epoch instead (the first and the last always).
+EPOCH_BUDGET = 0.04
 # The probe is about 1/16 of an epoch's samples (its forward and backward pass then cost a few
 # percent of the epoch's), at least 64 for stable norms and dead-unit counts, at most 256.
 PROBE_SIZE = 256
@@ -55,7 +59,11 @@ class DiagnosticsCallback(keras.callbacks.Callback):
 
     The callback holds only plain data (arrays, strings, numbers) until training starts, so it
     survives the ``copy.deepcopy`` KerasTuner applies to callbacks. The values are also kept in
-    :attr:`history` for use without MLflow.
+    :attr:`history` (per metric, epoch → value) for use without MLflow.
+
+    The probe computation runs every epoch unless epochs are so short that it would take more
+    than :data:`EPOCH_BUDGET` of each; then it runs every k-th epoch, and always on the first and
+    the last. The gaps are measured every epoch.
 
     Args:
         x: The probe inputs, e.g. a fixed sample of the training split (see :meth:`from_dataset`).
@@ -64,8 +72,8 @@ class DiagnosticsCallback(keras.callbacks.Callback):
         run_id: The run to log into. Defaults to None.
         flush_seconds: Buffered values are sent to MLflow at most this often, and at the end of
             training, so a fast epoch never waits on the tracking store. Defaults to 10.
-        compile_after: Epochs after which the probe computation is compiled into a
-            ``tf.function``. Defaults to :data:`COMPILE_AFTER_EPOCHS`.
+        compile_from: Trials planned for at least this many epochs compile the probe
+            computation into a ``tf.function``. Defaults to :data:`COMPILE_MIN_EPOCHS`.
     """
 
     def __init__(
@@ -75,7 +83,7 @@ class DiagnosticsCallback(keras.callbacks.Callback):
         uri: str | None = None,
         run_id: str | None = None,
         flush_seconds: float = 10.0,
-        compile_after: int = COMPILE_AFTER_EPOCHS,
+        compile_from: int = COMPILE_MIN_EPOCHS,
     ) -> None:
         super().__init__()
         self.x = np.asarray(x)
@@ -83,8 +91,8 @@ class DiagnosticsCallback(keras.callbacks.Callback):
         self.uri = uri
         self.run_id = run_id
         self.flush_seconds = flush_seconds
-        self.compile_after = compile_after
-        self.history: dict[str, list[float]] = {}
+        self.compile_from = compile_from
+        self.history: dict[str, dict[int, float]] = {}
         self.seconds = 0.0  # time spent in diagnostics this training run (diagnostics_seconds)
         self._pending: list[tuple[int, dict[str, float]]] = []
         self._last_flush = 0.0
@@ -123,6 +131,10 @@ class DiagnosticsCallback(keras.callbacks.Callback):
         self._epoch = 0
         self._pending = []
         self._last_flush = time.monotonic()
+        self._planned = int((self.params or {}).get("epochs") or 0)
+        self._stride, self._since = 1, 0
+        self._epoch_seconds: float | None = None
+        self._cost: float | None = None
         try:
             self._probe = _Probe(self.model, self.x, self.y)
         except Exception as exc:  # diagnostics must never fail a trial
@@ -130,24 +142,52 @@ class DiagnosticsCallback(keras.callbacks.Callback):
             self._probe = None
         self.seconds += time.perf_counter() - started
 
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._epoch_started = time.perf_counter()
+
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         started = time.perf_counter()
         self._epoch = epoch
+        # The epoch's own time, without the diagnostics; the first epoch (which traces the
+        # training step) is not typical, so the estimate starts from the second.
+        elapsed = started - getattr(self, "_epoch_started", started)
+        if epoch > 0:
+            self._epoch_seconds = elapsed if self._epoch_seconds is None else 0.7 * self._epoch_seconds + 0.3 * elapsed
         values = gap_metrics(logs or {})
-        if self._probe is not None:
-            if epoch + 1 == self.compile_after:
-                self._probe.compile()
-            try:
-                values.update(self._probe.measure())
-            except Exception as exc:
-                log.warning("diagnostics failed at epoch %d and are off for this trial: %s", epoch, exc)
-                self._probe = None
+        self._since += 1
+        last = self._planned and epoch == self._planned - 1
+        if self._probe is not None and (epoch == 0 or last or self._since >= self._stride):
+            values.update(self._measure(epoch))
         for key, value in values.items():
-            self.history.setdefault(key, []).append(value)
+            self.history.setdefault(key, {})[epoch] = value
         self._pending.append((epoch, values))
         if time.monotonic() - self._last_flush >= self.flush_seconds:
             self._flush()
         self.seconds += time.perf_counter() - started
+
+    def _measure(self, epoch: int) -> dict[str, float]:
+        """One probe measurement; then the stride that keeps the next ones within budget."""
+        started = time.perf_counter()
+        tracing = epoch >= 1 and self._planned >= self.compile_from and not self._probe.compiled
+        if tracing:
+            self._probe.compile()
+        try:
+            values = self._probe.measure()
+        except Exception as exc:
+            log.warning("diagnostics failed at epoch %d and are off for this trial: %s", epoch, exc)
+            self._probe = None
+            return {}
+        cost = time.perf_counter() - started
+        self._since = 0
+        # A trace, and the first call (which pays TensorFlow's one-off set-up), say nothing
+        # about what the next calls cost.
+        if not tracing and epoch > 0:
+            self._cost = cost if self._cost is None else 0.5 * self._cost + 0.5 * cost
+        if self._epoch_seconds and self._cost:
+            # Epochs far shorter than the probe computation would pay more than the budget for
+            # measuring every one; then every k-th epoch is measured (and always the last).
+            self._stride = max(1, math.ceil(self._cost / (EPOCH_BUDGET * self._epoch_seconds)))
+        return values
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         started = time.perf_counter()
@@ -201,14 +241,21 @@ def gap_metrics(logs: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+# Compiled probe computations, shared by the models of one architecture. A search's trials often
+# repeat an architecture (a grid over L1/L2 strengths, say), and the trace is the expensive part:
+# with the weights passed in as arguments, a later model of the same shape pays no trace at all.
+_COMPILED: OrderedDict[tuple, Any] = OrderedDict()
+_COMPILED_MAX = 32
+
+
 class _Probe:
     """The per-model part of the diagnostics: the layer plan and the computation on the probe.
 
     The forward pass is replayed layer by layer so that every Dense layer's output is at hand
-    for the dead-unit count. Dense layers are computed from their variables in float32 (under
-    mixed precision the diagnostics stay in full precision); other layers are called as they
-    are, in inference mode. A model that is not a single chain of layers gets gradient and
-    weight norms from one whole-model call, without dead-unit counts.
+    for the dead-unit count. Dense layers are computed from their weights in float32 (under
+    mixed precision the diagnostics stay in full precision); weightless layers in between are
+    called as they are, in inference mode. A model that is not a single chain of layers gets
+    gradient and weight norms from one whole-model call, without dead-unit counts.
     """
 
     def __init__(self, model: keras.Model, x: np.ndarray, y: np.ndarray) -> None:
@@ -216,76 +263,145 @@ class _Probe:
         self.x = tf.constant(x)
         self.y = tf.constant(y)
         self.loss_fn = _loss_fn(model)
-        self.dense = [layer for layer in _flat_layers(model) if isinstance(layer, keras.layers.Dense)]
-        if not self.dense:
-            raise ValueError("the model has no Dense layer to diagnose")
         self.chain = _chain_layers(model)
         self.start = self.x
         if self.chain:
-            # The layers before the first weighted one (Flatten, a Normalization with fixed
-            # statistics) give the same output every epoch: compute it once, not per epoch.
-            while self.chain and not self.chain[0].weights:
-                self.start = self.chain.pop(0)(self.start, training=False)
-            while self.chain and isinstance(self.chain[0], keras.layers.Normalization) and not self.chain[0].trainable_weights:
+            # The weightless layers before the first Dense one (Flatten, a Normalization with
+            # fixed statistics) give the same output every epoch: computed once, not per epoch.
+            while self.chain and not isinstance(self.chain[0], keras.layers.Dense) and not self.chain[0].trainable_weights:
                 self.start = self.chain.pop(0)(self.start, training=False)
             self.start = tf.constant(self.start)
             # Dropout is the identity in inference mode; calling it is pure overhead.
             self.chain = [layer for layer in self.chain if not isinstance(layer, keras.layers.Dropout)]
+            if any(layer.trainable_weights and not isinstance(layer, keras.layers.Dense) for layer in self.chain):
+                self.chain = None  # weights outside Dense layers: the generic path below
+        if self.chain:
+            self.dense = [layer for layer in self.chain if isinstance(layer, keras.layers.Dense)]
+        else:
+            self.dense = [layer for layer in _flat_layers(model) if isinstance(layer, keras.layers.Dense)]
+        if not self.dense:
+            raise ValueError("the model has no Dense layer to diagnose")
         names = [layer.name for layer in self.dense]
         self.hidden = [layer for layer in self.dense[:-1] if _activation_name(layer) in RELU_FAMILY] if self.chain else []
-        # The order of the values _compute returns; names are fixed per model.
+        # The order of the values the computation returns; names are fixed per model.
         self.keys = (
             [f"grad_norm/{n}" for n in names]
             + [f"weight_l1/{n}" for n in names]
             + [f"weight_l2/{n}" for n in names]
             + [f"dead_relu/{layer.name}" for layer in self.hidden]
         )
-        self._fn = self._compute
+        if self.chain:
+            steps, self.signature = self._plan(model)
+            self._python = _chain_computation(steps, self.loss_fn)
+        else:
+            self.signature = None
+            self._python = self._whole_model_computation
+        cached = _COMPILED.get(self.signature) if self.signature is not None else None
+        self.compiled = cached is not None
+        self._fn = cached or self._python
+
+    def _plan(self, model: keras.Model) -> tuple[list[tuple], tuple | None]:
+        """The chain as steps for the computation, and a signature that identifies its graph."""
+        hidden = {id(layer) for layer in self.hidden}
+        steps, signature = [], []
+        for layer in self.chain:
+            if isinstance(layer, keras.layers.Dense):
+                steps.append(("dense", layer.activation, layer.use_bias, id(layer) in hidden))
+                signature.append(
+                    ("dense", _activation_name(layer), layer.use_bias, id(layer) in hidden, tuple(layer.kernel.shape))
+                )
+            else:
+                steps.append(("layer", layer))
+                config = {k: v for k, v in layer.get_config().items() if k != "name"}
+                signature.append((type(layer).__name__, repr(sorted(config.items()))))
+        # Only a loss given by name is known to be the same function in another model.
+        loss = model.loss if isinstance(model.loss, str) else None
+        key = (tuple(signature), loss, tuple(self.start.shape), self.y.dtype.name) if loss else None
+        return steps, key
 
     def compile(self) -> None:
-        """Trace the computation once; later epochs run it as a graph."""
-        self._fn = tf.function(self._compute, reduce_retracing=True)
+        """Trace the computation (or reuse a trace of the same architecture); later calls run a graph."""
+        if self.compiled:
+            return
+        self._fn = tf.function(self._python)
+        self.compiled = True
+        if self.signature is not None:
+            _COMPILED[self.signature] = self._fn
+            while len(_COMPILED) > _COMPILED_MAX:
+                _COMPILED.popitem(last=False)
 
     def measure(self) -> dict[str, float]:
-        numbers = self._fn().numpy().astype("float64")
+        if self.chain:
+            # The variables themselves, not their values: a compiled function then reads them in
+            # the graph and is reused for any model whose variables have the same shapes.
+            kernels = [_variable(layer.kernel) for layer in self.dense]
+            biases = [_variable(layer.bias) for layer in self.dense if layer.use_bias]
+            numbers = self._fn(self.start, self.y, kernels, biases)
+        else:
+            numbers = self._fn()
+        numbers = numbers.numpy().astype("float64")
         values = dict(zip(self.keys, (float(v) for v in numbers), strict=True))
         first, last = numbers[0], numbers[len(self.dense) - 1]
         if last > 0 and math.isfinite(first):
             values["grad_ratio_first_last"] = float(first / last)
         return values
 
-    def _forward(self) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """The model's output on the probe and the outputs of the hidden ReLU-family layers."""
-        if not self.chain:
-            return tf.cast(self.model(self.x, training=False), tf.float32), []
-        wanted = {id(layer) for layer in self.hidden}
-        hidden_out = []
-        h = self.start
-        for layer in self.chain:
-            if isinstance(layer, keras.layers.Dense):
-                h = tf.cast(h, tf.float32)
-                z = tf.matmul(h, tf.cast(layer.kernel, tf.float32))
-                if layer.use_bias:
-                    z = z + tf.cast(layer.bias, tf.float32)
-                h = layer.activation(z)
-                if id(layer) in wanted:
-                    hidden_out.append(h)
-            else:
-                h = layer(h, training=False)
-        return tf.cast(h, tf.float32), hidden_out
-
-    def _compute(self) -> tf.Tensor:
+    def _whole_model_computation(self) -> tf.Tensor:
         kernels = [layer.kernel for layer in self.dense]
         with tf.GradientTape() as tape:
-            output, hidden_out = self._forward()
-            loss = self.loss_fn(self.y, output)
+            loss = self.loss_fn(self.y, tf.cast(self.model(self.x, training=False), tf.float32))
         grads = tape.gradient(loss, kernels)
-        parts = [tf.norm(tf.cast(g, tf.float32)) if g is not None else tf.constant(float("nan")) for g in grads]
-        parts += [tf.reduce_sum(tf.abs(tf.cast(k, tf.float32))) for k in kernels]
-        parts += [tf.norm(tf.cast(k, tf.float32)) for k in kernels]
-        parts += [tf.reduce_mean(tf.cast(tf.reduce_all(h <= 0, axis=0), tf.float32)) for h in hidden_out]
-        # One tensor, so reading the values back is one device-to-host copy.
-        return tf.stack(parts)
+        return _summary(grads, kernels, [])
+
+
+def _chain_computation(steps: list[tuple], loss_fn: Any) -> Any:
+    """The probe computation for a chain of layers, with the weights as arguments.
+
+    Args:
+        steps: ``("dense", activation, use_bias, count_dead)`` or ``("layer", layer)`` per layer.
+        loss_fn: ``(y_true, y_pred) -> scalar``.
+
+    Returns:
+        ``compute(start, y, kernels, biases) -> tensor`` of the gradient norms, weight L1 norms,
+        weight L2 norms and dead-unit shares, in that order.
+    """
+
+    def compute(start: tf.Tensor, y: tf.Tensor, kernels: list[tf.Tensor], biases: list[tf.Tensor]) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            tape.watch(kernels)
+            h, hidden, k, b = start, [], 0, 0
+            for step in steps:
+                if step[0] == "dense":
+                    _, activation, use_bias, count_dead = step
+                    h = tf.matmul(tf.cast(h, tf.float32), tf.cast(kernels[k], tf.float32))
+                    k += 1
+                    if use_bias:
+                        h = h + tf.cast(biases[b], tf.float32)
+                        b += 1
+                    h = activation(h)
+                    if count_dead:
+                        hidden.append(h)
+                else:
+                    h = step[1](h, training=False)
+            loss = loss_fn(y, tf.cast(h, tf.float32))
+        return _summary(tape.gradient(loss, kernels), kernels, hidden)
+
+    return compute
+
+
+def _variable(variable: Any) -> Any:
+    """The ``tf.Variable`` behind a Keras variable (float32 under mixed precision too)."""
+    value = getattr(variable, "value", variable)
+    return value if isinstance(value, tf.Variable) else tf.convert_to_tensor(variable)
+
+
+def _summary(grads: list[Any], kernels: list[Any], hidden: list[tf.Tensor]) -> tf.Tensor:
+    parts = [tf.norm(tf.cast(g, tf.float32)) if g is not None else tf.constant(float("nan")) for g in grads]
+    parts += [tf.reduce_sum(tf.abs(tf.cast(k, tf.float32))) for k in kernels]
+    parts += [tf.norm(tf.cast(k, tf.float32)) for k in kernels]
+    parts += [tf.reduce_mean(tf.cast(tf.reduce_all(h <= 0, axis=0), tf.float32)) for h in hidden]
+    # One tensor, so reading the values back is one device-to-host copy.
+    return tf.stack(parts)
 
 
 def _flat_layers(model: keras.Model) -> list[keras.layers.Layer]:
