@@ -313,7 +313,23 @@ class _Servicer(oracle_chief.OracleServicer):
         if _META_HEARTBEAT in meta:  # a heartbeat needs no answer; keep it off the oracle's lock
             return protos.get_service().GetSpaceResponse()
         context.set_trailing_metadata(((_META_HELLO, self.hello),))
-        return super().GetSpace(request, context)
+        with _locked(self.oracle):
+            return super().GetSpace(request, context)
+
+    # KerasTuner serves one call at a time (a 1-thread pool), so its oracle's reads need no lock.
+    # Here idle workers wait in their own threads, so reads take the oracle's lock too.
+
+    def UpdateSpace(self, request: Any, context: Any) -> Any:
+        with _locked(self.oracle):
+            return super().UpdateSpace(request, context)
+
+    def GetTrial(self, request: Any, context: Any) -> Any:
+        with _locked(self.oracle):
+            return super().GetTrial(request, context)
+
+    def GetBestTrials(self, request: Any, context: Any) -> Any:
+        with _locked(self.oracle):
+            return super().GetBestTrials(request, context)
 
     def CreateTrial(self, request: Any, context: Any) -> Any:
         tuner_id = request.tuner_id
@@ -332,7 +348,8 @@ class _Servicer(oracle_chief.OracleServicer):
                     linger = True
         if linger:
             time.sleep(LINGER)
-            trial = trial_module.Trial(self.oracle.get_space(), status=Status.IDLE)
+            with _locked(self.oracle):
+                trial = trial_module.Trial(self.oracle.get_space(), status=Status.IDLE)
         elif trial.status == Status.STOPPED:
             self.stop_triggered = True
             self._forget(tuner_id)
@@ -413,13 +430,18 @@ class OracleServer:
     def start(self) -> int:
         """Listen and serve in background threads. Returns the port."""
         # One thread per concurrent call: idle workers hold one each while they linger.
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="oracle"))
+        # No SO_REUSEPORT (gRPC's default on Linux): a second chief on the same port must fail,
+        # not share the workers with the first.
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="oracle"), options=[("grpc.so_reuseport", 0)]
+        )
         protos.get_service_grpc().add_OracleServicer_to_server(self.servicer, self._server)
         try:
             port = self._server.add_insecure_port(self.bind.target)
         except RuntimeError:  # newer grpc raises where older ones return 0
             port = 0
         if not port:
+            self._server = None
             raise RuntimeError(
                 f"the chief could not listen on {self.bind}: is the port in use, or the host not an address of this machine?"
             )
