@@ -161,3 +161,26 @@ def test_sigkill_mid_search_then_rerun_gives_each_trial_finished_once(tmp_path):
     assert "stopped" in stale[0].data.tags["toolkit.failure"]
     assert killed_trial[0] in finished
     assert parents[0].data.metrics["trials_completed"] == 6
+
+
+def test_resume_closes_left_open_runs_by_the_oracles_word(store, mlflow_client):
+    from toolkit import tracking
+
+    cfg = shrunk("quickstart")
+    tracker = tracking.SearchTracker(cfg, store)
+    tracker.start_search("reconcile")
+    runs = {tid: tracker.start_trial(tid, {"depth": 1}) for tid in ("0", "1", "2", "3")}
+    tracking.log_metrics(store, runs["0"], {"val_accuracy": 0.5}, step=0)
+    tracking.log_metrics(store, runs["0"], {"val_accuracy": 0.7}, step=1)
+    # Trial 1: an interrupt closed its run KILLED just after the oracle had recorded it.
+    tracker.end_trial(runs["1"], "KILLED", failure="interrupted")
+
+    changed = tracker.close_stale_trials(completed={"0", "1"}, failed={"2": "ValueError: boom"})
+
+    assert changed == 4
+    got = {tid: mlflow_client.get_run(run_id) for tid, run_id in runs.items()}
+    assert got["0"].info.status == "FINISHED"
+    assert got["0"].data.metrics["best_val_accuracy"] == 0.7 and got["0"].data.metrics["best_epoch"] == 1
+    assert got["1"].info.status == "FINISHED" and "toolkit.failure" not in got["1"].data.tags
+    assert got["2"].info.status == "FAILED" and got["2"].data.tags["toolkit.failure"] == "ValueError: boom"
+    assert got["3"].info.status == "KILLED" and "rerun" in got["3"].data.tags["toolkit.failure"]

@@ -451,23 +451,51 @@ class SearchTracker:
             query += f" and attributes.status = '{status}'"
         return self.client.search_runs([self.ensure_experiment()], filter_string=query, max_results=50_000)
 
-    def close_stale_trials(self, completed: set[str] | None = None) -> int:
-        """On resume, close the trial runs a crash left RUNNING. Returns how many.
+    def close_stale_trials(self, completed: set[str] | None = None, failed: dict[str, str] | None = None) -> int:
+        """On resume, reconcile trial runs with what the tuner's oracle recorded. Returns how many changed.
+
+        A process killed (``kill -9``, a crash) leaves its trial's run RUNNING. Such a run is
+        closed by the oracle's word:
+
+        - the oracle recorded the trial as completed: the run is closed FINISHED, with the
+          summaries trial end would have logged (from its per-epoch history). The same holds for
+          a run an interrupt closed KILLED in the instant after the oracle recorded the trial,
+          so the trial, which is not rerun, still has its FINISHED run;
+        - the oracle recorded it as failed: FAILED, with the oracle's reason;
+        - otherwise: KILLED, since the oracle runs the trial again.
 
         Args:
-            completed: Trial ids the tuner's oracle recorded as completed: their runs are closed
-                FINISHED; the others KILLED, since the oracle will rerun them.
+            completed: Trial ids the oracle recorded as completed. Defaults to none.
+            failed: Trial id → reason, for trials the oracle recorded as failed. Defaults to none.
         """
-        stale = self.trial_runs(status="RUNNING")
-        for run in stale:
-            if run.data.tags.get("toolkit.trial_id") in (completed or set()):
-                # The oracle recorded it, then the process died before closing the run: add the
-                # summaries that trial end would have logged, from the per-epoch history.
-                self.end_trial(run.info.run_id, "FINISHED", metrics=self._summaries_from_history(run))
-                continue
-            self.client.set_tag(run.info.run_id, "toolkit.failure", "the process running this trial stopped (killed or crashed); the trial is rerun")
-            self.client.set_terminated(run.info.run_id, status="KILLED")
-        return len(stale)
+        completed, failed = completed or set(), failed or {}
+        by_trial: dict[str, list[Any]] = {}
+        for run in self.trial_runs():
+            by_trial.setdefault(run.data.tags.get("toolkit.trial_id", ""), []).append(run)
+        changed = 0
+        for tid, runs in by_trial.items():
+            open_runs = [r for r in runs if r.info.status == "RUNNING"]
+            if tid in completed and not any(r.info.status == "FINISHED" for r in runs):
+                candidates = [r for r in runs if r.info.status in ("RUNNING", "KILLED")]
+                if candidates:
+                    latest = max(candidates, key=lambda r: r.info.start_time or 0)
+                    if "toolkit.failure" in latest.data.tags:
+                        self.client.delete_tag(latest.info.run_id, "toolkit.failure")
+                    self.end_trial(latest.info.run_id, "FINISHED", metrics=self._summaries_from_history(latest))
+                    open_runs = [r for r in open_runs if r is not latest]
+                    changed += 1
+            for run in open_runs:
+                if tid in completed:
+                    reason = "a second run of a trial that had already completed"
+                    status = "KILLED"
+                elif tid in failed:
+                    reason, status = failed[tid], "FAILED"
+                else:
+                    reason = "the process running this trial stopped (killed or crashed); the trial is rerun"
+                    status = "KILLED"
+                self.end_trial(run.info.run_id, status, failure=reason)
+                changed += 1
+        return changed
 
     def _summaries_from_history(self, run: Any) -> dict[str, float]:
         from toolkit.config import objective_direction

@@ -425,10 +425,12 @@ def run_search(
         hypermodel = build_hypermodel(cfg, dataset)
         tuner = make_tuner(cfg, hypermodel, workdir.parent, workdir.name, overwrite=False, tracker=tracker, strategy_info=info, dataset=dataset, card=cfg, on_trial=on_trial)
         if resumed:
-            completed = {tid for tid, t in tuner.oracle.trials.items() if t.status == "COMPLETED"}
-            closed = tracker.close_stale_trials(completed)
+            trials = tuner.oracle.trials
+            completed = {tid for tid, t in trials.items() if t.status == "COMPLETED"}
+            failed = {tid: _failure_reason(t.message) for tid, t in trials.items() if t.status == "FAILED"}
+            closed = tracker.close_stale_trials(completed, failed)
             if closed:
-                log.info("closed %d trial run(s) left RUNNING by an interrupted search", closed)
+                log.info("closed %d trial run(s) an interrupted search left open", closed)
         try:
             if serve is not None:  # the distributed chief: workers run the trials while it serves the oracle
                 serve(tuner, tracker)
