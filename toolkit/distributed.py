@@ -3,10 +3,11 @@
 Three ways in, one search in MLflow:
 
 - **Local** (``toolkit tune EXP --workers N``): this process is the chief, on a free port on
-  127.0.0.1, and it starts N worker processes that wait for it to serve. Over a SQLite store it also runs
-  ``mlflow server`` on loopback for the length of the search, so one process writes the file:
-  several processes writing SQLite directly fail with "database is locked", while the server turns
-  that into an HTTP 503 that MLflow clients retry, so no metric point is lost.
+  127.0.0.1, and it starts N worker processes that wait for it to serve. Over a SQLite store it also
+  runs ``mlflow server`` on loopback for the length of the search, so one process writes the file.
+  Processes writing one SQLite file directly can hit "database is locked" (SQLite waits 5 s for a
+  lock): a direct client gets an error and the point is lost, while behind the server MLflow
+  answers 503 (TEMPORARILY_UNAVAILABLE), which MLflow clients retry.
 - **Across hosts**: ``--role chief --bind HOST:PORT`` and ``--role worker --oracle HOST:PORT``, or
   KerasTuner's own ``KERASTUNER_TUNER_ID``, ``KERASTUNER_ORACLE_IP`` and ``KERASTUNER_ORACLE_PORT``.
 - Every process logs to ``MLFLOW_TRACKING_URI``. The chief creates the parent run and hands its
@@ -30,7 +31,8 @@ What the chief adds to KerasTuner's ``oracle_chief`` (1.4.8), and why:
 - The chief notices the end within a second (KerasTuner polls every 20 s).
 
 Workers give up when the chief cannot be reached within ``TOOLKIT_ORACLE_TIMEOUT`` seconds (default
-60) instead of KerasTuner's hour, both at start and on every later call.
+60; 600 for local workers, which the launcher stops itself) instead of KerasTuner's hour, both at
+start and on every later call.
 """
 
 from __future__ import annotations
