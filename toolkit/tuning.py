@@ -548,11 +548,19 @@ def finish_search(tuner: Any, tracker: tracking.SearchTracker, cfg: ExperimentCo
     already_logged = tracker.parent_tag("toolkit.model_trial_id") == best.trial_id
     if not (wants_test or (cfg.tracking.log_model and not already_logged)):
         return metrics
-    with warnings.catch_warnings():
-        # The checkpoint holds the trained optimizer's slots, which a freshly compiled model has
-        # not built yet; they are not needed to evaluate or serve.
-        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-        model = tuner.get_best_models(1)[0]
+    try:
+        with warnings.catch_warnings():
+            # The checkpoint holds the trained optimizer's slots, which a freshly compiled model
+            # has not built yet; they are not needed to evaluate or serve.
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            model = tuner.get_best_models(1)[0]
+    except (OSError, ValueError) as exc:
+        # The trials and their record stand; only the model is missing (its checkpoint was
+        # deleted by hand, say). Say so on the parent rather than fail the whole search.
+        reason = f"the best trial's model could not be loaded from {workdir}: {type(exc).__name__}: {exc}"
+        log.warning(reason)
+        tracker.set_tags({"toolkit.model_error": reason})
+        return metrics
     if wants_test:
         test_ds = make_pipeline(dataset.x_test, dataset.y_test, cfg.train.batch_size, cfg.seed, shuffle=False)
         scores = model.evaluate(test_ds, verbose=0, return_dict=True)
