@@ -106,8 +106,20 @@ def print_summary(result: Any, console: Console | None = None) -> None:
         score = best.metrics.get(f"best_{result.objective}")
         params = ", ".join(f"{k}={_short(v)}" for k, v in best.hyperparameters.items() if not k.startswith("tuner/"))
         console.print(f"best trial {best.trial_id}: {result.objective}={_fmt(score)} ({result.direction}) with {params}", highlight=False)
-    console.print(f"parent run {result.parent_run_id} in experiment {result.name!r}. Browse: make ui  (then http://127.0.0.1:5000)", highlight=False)
+    console.print(f"parent run {result.parent_run_id} in experiment {result.name!r}. {_browse_hint()}", highlight=False)
     sys.stdout.flush()
+
+
+def _browse_hint() -> str:
+    """How to open the UI over the store this search wrote to."""
+    import os
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith(("http://", "https://")):
+        return f"Browse: {uri}"
+    if uri and uri != "sqlite:///mlruns/mlflow.db" and not uri.endswith("/mlruns/mlflow.db"):
+        return f"Browse: mlflow ui --backend-store-uri {uri}"
+    return "Browse: make ui  (then http://127.0.0.1:5000)"
 
 
 def _short(value: Any) -> str:
