@@ -118,10 +118,11 @@ def main() -> int:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
     os.chdir(ROOT)
 
-    from mlflow import MlflowClient
-
-    from toolkit.config import load_config
+    # The CLI's import order: TensorFlow first, MLflow's client when the first run is logged.
+    # It matters: with MLflow imported first, create_run measured ~85 ms instead of ~7 ms here.
+    from toolkit.config import load_config  # noqa: I001
     from toolkit.tuning import TrackedTunerMixin, run_search
+    from mlflow import MlflowClient
 
     clock = Clock()
     for name in CLIENT_METHODS:
