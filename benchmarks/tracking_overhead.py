@@ -138,8 +138,12 @@ def main() -> int:
     share = per_trial / clock.trial_wall if clock.trial_wall else float("nan")
     trial_calls = sum(n for (phase, _), n in clock.calls.items() if phase == "trial")
     print(f"card: {args.exp} {' '.join(args.overrides)} | store: {os.environ['MLFLOW_TRACKING_URI']}")
-    print(f"trials: {clock.trials} ({sum(t.status == 'FINISHED' for t in result.trials)} finished), trial wall time {clock.trial_wall:.2f}s, search {total:.2f}s")
-    print(f"per-trial MLflow time: {per_trial:.3f}s in {trial_calls} calls = {1000 * per_trial / max(clock.trials, 1):.0f} ms/trial")
+    print(
+        f"trials: {clock.trials} ({sum(t.status == 'FINISHED' for t in result.trials)} finished), trial wall time {clock.trial_wall:.2f}s, search {total:.2f}s"
+    )
+    print(
+        f"per-trial MLflow time: {per_trial:.3f}s in {trial_calls} calls = {1000 * per_trial / max(clock.trials, 1):.0f} ms/trial"
+    )
     print(f"TRACKING OVERHEAD: {100 * share:.1f}% of trial time (goal <= 5%)")
     for (phase, name), n in sorted(clock.calls.items()):
         if phase == "trial":

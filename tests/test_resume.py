@@ -113,7 +113,13 @@ def test_sigkill_mid_search_then_rerun_gives_each_trial_finished_once(tmp_path):
     (tmp_path / "store").mkdir()
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    sets = ["tuner.max_trials=6", "train.epochs=4", "train.diagnostics=false", "tracking.log_model=false", "tracking.report=false"]
+    sets = [
+        "tuner.max_trials=6",
+        "train.epochs=4",
+        "train.diagnostics=false",
+        "tracking.log_model=false",
+        "tracking.report=false",
+    ]
     args = [sys.executable, "-m", "toolkit.cli", "tune", QUICKSTART, *[a for s in sets for a in ("--set", s)]]
     from mlflow import MlflowClient
 

@@ -51,7 +51,17 @@ def champion_search(tmp_path_factory, _empty_store_db):
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
-        cfg = shrunk("quickstart", "tuner.max_trials=2", "train.epochs=2", "data.test_split=0.2", "train.diagnostics=false", "tracking.report=false", "space.activation=relu", "space.optimizer=adam", "space.learning_rate=0.01")
+        cfg = shrunk(
+            "quickstart",
+            "tuner.max_trials=2",
+            "train.epochs=2",
+            "data.test_split=0.2",
+            "train.diagnostics=false",
+            "tracking.report=false",
+            "space.activation=relu",
+            "space.optimizer=adam",
+            "space.learning_rate=0.01",
+        )
         result = run_search(cfg)
     finally:
         if old is None:
@@ -154,7 +164,16 @@ def test_only_the_best_checkpoint_is_kept(champion_search):
 
 def test_nan_loss_fails_the_trial_and_the_search_still_finishes(store, mlflow_client):
     # Plain SGD at learning rate 50 diverges: the loss turns NaN within the first epoch.
-    cfg = shrunk("quickstart", "space.learning_rate=50", "space.optimizer=sgd", "space.activation=relu", "tuner.max_trials=3", "tuner.max_consecutive_failed_trials=10", "train.diagnostics=false", "tracking.report=false")
+    cfg = shrunk(
+        "quickstart",
+        "space.learning_rate=50",
+        "space.optimizer=sgd",
+        "space.activation=relu",
+        "tuner.max_trials=3",
+        "tuner.max_consecutive_failed_trials=10",
+        "train.diagnostics=false",
+        "tracking.report=false",
+    )
     result = run_search(cfg)
 
     parents, trials = runs_by_role(mlflow_client, "quickstart")
@@ -177,7 +196,16 @@ def test_consecutive_failures_stop_the_search_cleanly_and_exit_1(store, mlflow_c
     # parent tagged toolkit.stopped) and the exit code is 1, since there is no model to use.
     from toolkit import cli
 
-    sets = ["space.learning_rate=50", "space.optimizer=sgd", "space.activation=relu", "tuner.max_trials=5", "tuner.max_consecutive_failed_trials=2", "train.epochs=1", "train.diagnostics=false", "tracking.report=false"]
+    sets = [
+        "space.learning_rate=50",
+        "space.optimizer=sgd",
+        "space.activation=relu",
+        "tuner.max_trials=5",
+        "tuner.max_consecutive_failed_trials=2",
+        "train.epochs=1",
+        "train.diagnostics=false",
+        "tracking.report=false",
+    ]
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
         code = cli.main(["tune", QUICKSTART, *[a for s in sets for a in ("--set", s)]])
@@ -223,7 +251,17 @@ def test_an_exception_in_build_fails_the_trial_with_its_reason(store, mlflow_cli
     tracker = tracking.SearchTracker(cfg, store)
     tracker.start_search("broken")
     hypermodel = Broken()
-    tuner = make_tuner(cfg, hypermodel, Path(store[len("sqlite:///") :]).parent / "tuner", "broken", overwrite=True, tracker=tracker, strategy_info=make_strategy(cfg.strategy), dataset=dataset, card=cfg)
+    tuner = make_tuner(
+        cfg,
+        hypermodel,
+        Path(store[len("sqlite:///") :]).parent / "tuner",
+        "broken",
+        overwrite=True,
+        tracker=tracker,
+        strategy_info=make_strategy(cfg.strategy),
+        dataset=dataset,
+        card=cfg,
+    )
     hypermodel.fail = True
     tuner.search(dataset.x_train, dataset.y_train, validation_data=(dataset.x_val, dataset.y_val), epochs=1, verbose=0)
     tracker.end_search()
@@ -236,7 +274,9 @@ def test_an_exception_in_build_fails_the_trial_with_its_reason(store, mlflow_cli
 
 
 def test_an_interrupt_marks_the_open_runs_killed(store, mlflow_client):
-    cfg = shrunk("quickstart", "tuner.max_trials=3", "tracking.log_model=false", "train.diagnostics=false", "tracking.report=false")
+    cfg = shrunk(
+        "quickstart", "tuner.max_trials=3", "tracking.log_model=false", "train.diagnostics=false", "tracking.report=false"
+    )
 
     def stop_after_first(result):
         raise KeyboardInterrupt
@@ -264,7 +304,9 @@ def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | Non
         if predicate():
             return
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the process ended (rc {proc.returncode}) before {what}: {proc.stderr.read() if proc.stderr else ''}")
+            raise AssertionError(
+                f"the process ended (rc {proc.returncode}) before {what}: {proc.stderr.read() if proc.stderr else ''}"
+            )
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
 
@@ -278,8 +320,22 @@ def test_champion_is_served_over_http(champion_search, monkeypatch):
     # The scoring server is started through a shell that looks uvicorn up on PATH.
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
     mlflow_bin = str(Path(venv_bin) / "mlflow")
-    cmd = [mlflow_bin, "models", "serve", "-m", "models:/quickstart@champion", "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen(cmd, env=env, cwd=store.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cmd = [
+        mlflow_bin,
+        "models",
+        "serve",
+        "-m",
+        "models:/quickstart@champion",
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    server = subprocess.Popen(
+        cmd, env=env, cwd=store.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
     def healthy() -> bool:
         try:
@@ -292,7 +348,9 @@ def test_champion_is_served_over_http(champion_search, monkeypatch):
         _wait_for(healthy, 180, "the model server to answer /ping", server)
         rows = dataset.x_test[:8]
         body = json.dumps({"inputs": rows.tolist()}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=60) as reply:
             served = np.asarray(json.loads(reply.read())["predictions"])
         import mlflow.pyfunc
