@@ -17,7 +17,7 @@ SET_ARGS := $(foreach kv,$(SET),--set $(kv))
 WORKER_ARGS := $(if $(filter-out 0,$(WORKERS)),--workers $(WORKERS),)
 
 .DEFAULT_GOAL := help
-.PHONY: help install tune validate ui test test-all lint format bench clean
+.PHONY: help install tune validate ui serve test test-all lint format bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -54,6 +54,10 @@ validate: install ## check a card without training: make validate EXP=quickstart
 ui: install ## MLflow UI over the default store on 127.0.0.1:$(PORT)
 	@mkdir -p mlruns
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port $(PORT)
+
+serve: install ## serve models:/$(EXP)@champion over HTTP on 127.0.0.1:$(or $(SERVE_PORT),5001)
+	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///mlruns/mlflow.db} \
+	  $(BIN)/mlflow models serve -m "models:/$(EXP)@champion" --env-manager local --host 127.0.0.1 --port $(or $(SERVE_PORT),5001)
 
 test: install ## fast tests (under 10 minutes)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
