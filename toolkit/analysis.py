@@ -92,7 +92,9 @@ class SearchData:
     def varying(self) -> list[str]:
         """The hyperparameters that took more than one value among the finished trials."""
         done = self.finished
-        return [h for h in self.hyperparameters if h in done and done[h].nunique(dropna=False) > 1]
+        # A conditional hyperparameter with one value where present (momentum: 0.9 for the SGD
+        # family) only restates the choice it depends on.
+        return [h for h in self.hyperparameters if h in done and done[h].nunique() > 1]
 
     def better(self, a: float, b: float) -> bool:
         """Whether objective value ``a`` is better than ``b``."""
@@ -350,6 +352,27 @@ def choice_findings(data: SearchData) -> list[str]:
         stats = _group_stats(data, done, name)
         listing = ", ".join(f"{v} {_value(data.objective, r['mean'])} (n={int(r['count'])})" for v, r in stats.iterrows())
         out.append(f"{name}: {_comparison(data, stats, stats.index[0], stats.index[-1])}. All values: {listing}.")
+    return out
+
+
+def numeric_findings(data: SearchData) -> list[str]:
+    """For each numeric hyperparameter (depth, learning rate, ...): where it was best, and the trend."""
+    done = data.finished
+    out = []
+    for name in data.varying:
+        column = done[name]
+        if not pd.api.types.is_numeric_dtype(column) or column.nunique() < 3:
+            continue
+        best = done.sort_values("objective", ascending=data.direction == "min").iloc[0]
+        rho = _spearman(column, done["objective"])
+        text = f"{name}: the best trial used {_num(best[name])}; Spearman ρ between {name} and {data.objective} = {rho:.2f} over {len(done)} trials"
+        if column.nunique() <= 8:
+            means = done.groupby(name)["objective"].agg(["mean", "count"])
+            listing = ", ".join(
+                f"{_num(v)}: {_value(data.objective, r['mean'])} (n={int(r['count'])})" for v, r in means.iterrows()
+            )
+            text += f". Mean {data.objective} by value: {listing}"
+        out.append(text + ".")
     return out
 
 
@@ -965,7 +988,7 @@ def build_report(data: SearchData, out: Path) -> Report:
     ranking = optimizer_ranking(data)
     sections = [
         ("Best trial", best_trial_finding(data)),
-        ("Hyperparameter choices", choice_findings(data) + activation_depth_findings(data)),
+        ("Hyperparameter choices", choice_findings(data) + activation_depth_findings(data) + numeric_findings(data)),
         ("Gradients (vanishing and dead units)", gradient_findings(data)),
         ("Overfitting and regularization", overfitting_findings(data) + regularization_findings(data)),
         ("Optimizers", optimizer_findings(data, ranking)),

@@ -323,7 +323,9 @@ class _Probe:
         """Trace the computation (or reuse a trace of the same architecture); later calls run a graph."""
         if self.compiled:
             return
-        self._fn = tf.function(self._python)
+        # No AutoGraph: the loops run over Python lists and unroll at trace time anyway, and
+        # converting the source would add to the trace.
+        self._fn = tf.function(self._python, autograph=False)
         self.compiled = True
         if self.signature is not None:
             _COMPILED[self.signature] = self._fn
