@@ -44,9 +44,12 @@ RELU_FAMILY = ("relu", "leaky_relu", "elu", "selu", "gelu", "silu", "swish", "re
 # planned for at least this many epochs compile it (at the second epoch) and short ones stay
 # eager. The trace is shared by every later model of the same architecture (see _COMPILED).
 COMPILE_MIN_EPOCHS = 30
-# The share of an epoch's time the probe computation may take. Epochs shorter than the
-# computation ÷ this share are measured every k-th epoch instead (the first and the last always).
-EPOCH_BUDGET = 0.04
+# The share of the training time the probe computations may take. An epoch is measured while
+# the time spent on them stays within it (the first and the last epoch always), so short trials
+# and ordinary epochs are measured every epoch, and long runs of very short epochs every few.
+# The first computation and a one-off trace are not counted against it; diagnostics_seconds
+# reports everything.
+BUDGET = 0.04
 # The probe is about 1/16 of an epoch's samples (its forward and backward pass then cost a few
 # percent of the epoch's), at least 64 for stable norms and dead-unit counts, at most 256.
 PROBE_SIZE = 256
@@ -61,9 +64,9 @@ class DiagnosticsCallback(keras.callbacks.Callback):
     survives the ``copy.deepcopy`` KerasTuner applies to callbacks. The values are also kept in
     :attr:`history` (per metric, epoch → value) for use without MLflow.
 
-    The probe computation runs every epoch unless epochs are so short that it would take more
-    than :data:`EPOCH_BUDGET` of each; then it runs every k-th epoch, and always on the first and
-    the last. The gaps are measured every epoch.
+    The probe computation runs every epoch while the time spent on it stays within
+    :data:`BUDGET` of the training time, and always on the first and the last epoch; only long
+    runs of very short epochs skip some. The gaps are recorded every epoch.
 
     Args:
         x: The probe inputs, e.g. a fixed sample of the training split (see :meth:`from_dataset`).
@@ -132,9 +135,9 @@ class DiagnosticsCallback(keras.callbacks.Callback):
         self._pending = []
         self._last_flush = time.monotonic()
         self._planned = int((self.params or {}).get("epochs") or 0)
-        self._stride, self._since = 1, 0
-        self._epoch_seconds: float | None = None
-        self._cost: float | None = None
+        self._train_started = started
+        self._spent = 0.0  # probe time counted against the budget
+        self._cost: float | None = None  # what the next probe computation is expected to cost
         try:
             self._probe = _Probe(self.model, self.x, self.y)
         except Exception as exc:  # diagnostics must never fail a trial
@@ -142,21 +145,14 @@ class DiagnosticsCallback(keras.callbacks.Callback):
             self._probe = None
         self.seconds += time.perf_counter() - started
 
-    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        self._epoch_started = time.perf_counter()
-
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         started = time.perf_counter()
         self._epoch = epoch
-        # The epoch's own time, without the diagnostics; the first epoch (which traces the
-        # training step) is not typical, so the estimate starts from the second.
-        elapsed = started - getattr(self, "_epoch_started", started)
-        if epoch > 0:
-            self._epoch_seconds = elapsed if self._epoch_seconds is None else 0.7 * self._epoch_seconds + 0.3 * elapsed
         values = gap_metrics(logs or {})
-        self._since += 1
+        training = started - self._train_started - self.seconds  # the trial's own time so far
         last = self._planned and epoch == self._planned - 1
-        if self._probe is not None and (epoch == 0 or last or self._since >= self._stride):
+        affordable = self._spent + (self._cost or 0.0) <= BUDGET * training
+        if self._probe is not None and (epoch == 0 or last or affordable):
             values.update(self._measure(epoch))
         for key, value in values.items():
             self.history.setdefault(key, {})[epoch] = value
@@ -166,7 +162,7 @@ class DiagnosticsCallback(keras.callbacks.Callback):
         self.seconds += time.perf_counter() - started
 
     def _measure(self, epoch: int) -> dict[str, float]:
-        """One probe measurement; then the stride that keeps the next ones within budget."""
+        """One probe computation, compiled first when the trial is long enough to repay it."""
         started = time.perf_counter()
         tracing = epoch >= 1 and self._planned >= self.compile_from and not self._probe.compiled
         if tracing:
@@ -178,15 +174,11 @@ class DiagnosticsCallback(keras.callbacks.Callback):
             self._probe = None
             return {}
         cost = time.perf_counter() - started
-        self._since = 0
-        # A trace, and the first call (which pays TensorFlow's one-off set-up), say nothing
-        # about what the next calls cost.
+        # The first call (TensorFlow's one-off set-up) and a trace are paid once per trial, are
+        # no guide to what the next calls cost, and are not counted against the budget.
         if not tracing and epoch > 0:
+            self._spent += cost
             self._cost = cost if self._cost is None else 0.5 * self._cost + 0.5 * cost
-        if self._epoch_seconds and self._cost:
-            # Epochs far shorter than the probe computation would pay more than the budget for
-            # measuring every one; then every k-th epoch is measured (and always the last).
-            self._stride = max(1, math.ceil(self._cost / (EPOCH_BUDGET * self._epoch_seconds)))
         return values
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
