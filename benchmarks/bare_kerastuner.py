@@ -56,7 +56,9 @@ def main() -> None:
         return model
 
     with tempfile.TemporaryDirectory() as folder:
-        tuner = kt.RandomSearch(build, objective="val_accuracy", max_trials=args.trials, seed=42, directory=folder, project_name="bare")
+        tuner = kt.RandomSearch(
+            build, objective="val_accuracy", max_trials=args.trials, seed=42, directory=folder, project_name="bare"
+        )
         tuner.search(x_train, y_train, validation_data=(x_val, y_val), epochs=args.epochs, batch_size=args.batch_size, verbose=0)
         best = tuner.oracle.get_best_trials(1)[0]
         print(f"best val_accuracy={best.score:.4f} with {best.hyperparameters.values}")

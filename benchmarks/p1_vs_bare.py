@@ -17,12 +17,23 @@ def main(pairs: int = 3) -> float:
     times = alternate(
         {
             "toolkit": [*TOOLKIT, "tune", str(ROOT / "benchmarks/cards/p1.yaml")],
-            "bare": [PYTHON, str(ROOT / "benchmarks/bare_kerastuner.py"), "--trials", "4", "--epochs", "10", "--batch-size", "64"],
+            "bare": [
+                PYTHON,
+                str(ROOT / "benchmarks/bare_kerastuner.py"),
+                "--trials",
+                "4",
+                "--epochs",
+                "10",
+                "--batch-size",
+                "64",
+            ],
         },
         pairs=pairs,
     )
     ratio = median(times["toolkit"]) / median(times["bare"])
-    print(f"P1 = {median(times['toolkit']):.2f}s / {median(times['bare']):.2f}s = {ratio:.2f} (goal <= 0.8: {verdict(ratio, 0.8)})")
+    print(
+        f"P1 = {median(times['toolkit']):.2f}s / {median(times['bare']):.2f}s = {ratio:.2f} (goal <= 0.8: {verdict(ratio, 0.8)})"
+    )
     return ratio
 
 

@@ -17,7 +17,9 @@ def main(runs: int = 3) -> float:
     print("P2: make tune EXP=quickstart (fresh MLflow store per run)")
     times = alternate({"make tune": ["make", "--no-print-directory", "tune", "EXP=quickstart"]}, pairs=runs)
     seconds = median(times["make tune"])
-    print(f"P2 = {seconds:.1f}s median of {runs} (runs: {', '.join(f'{t:.1f}' for t in times['make tune'])}; goal <= 30 s: {verdict(seconds, 30)})")
+    print(
+        f"P2 = {seconds:.1f}s median of {runs} (runs: {', '.join(f'{t:.1f}' for t in times['make tune'])}; goal <= 30 s: {verdict(seconds, 30)})"
+    )
     return seconds
 
 

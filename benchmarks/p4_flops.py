@@ -51,18 +51,34 @@ def matmul_peak(n: int = 2048, repeats: int = 20) -> float:
 def training_flops_per_sample() -> float:
     """Forward 2·in·out per layer, backward 4·in·out, less the first layer's input gradient
     (the data needs none)."""
-    pairs = list(zip(SIZES[:-1], SIZES[1:]))
+    pairs = list(zip(SIZES[:-1], SIZES[1:], strict=True))
     return sum(6 * i * o for i, o in pairs) - 2 * pairs[0][0] * pairs[0][1]
 
 
 def main(epochs: int = 3, batch_size: int = 512, n: int = 60_000) -> float:
     peak = matmul_peak()
     print(f"tf.matmul peak (float32, 2048x2048, best of 5): {peak:.1f} GFLOP/s")
-    cfg = validate({"name": "p4", "data": {"source": "digits"}, "space": {"depth": 2, "units": 1024, "activation": "relu", "optimizer": "adam"}, "train": {"batch_size": batch_size, "epochs": epochs, "diagnostics": False}})
+    cfg = validate(
+        {
+            "name": "p4",
+            "data": {"source": "digits"},
+            "space": {"depth": 2, "units": 1024, "activation": "relu", "optimizer": "adam"},
+            "train": {"batch_size": batch_size, "epochs": epochs, "diagnostics": False},
+        }
+    )
     rng = np.random.default_rng(0)
     x = rng.normal(size=(n, SIZES[0])).astype("float32")
     y = rng.integers(0, SIZES[-1], size=n)
-    model = MLPHyperModel(cfg.space, (SIZES[0],), "classification", n_classes=SIZES[-1], mean=x.mean(0), variance=x.var(0), train=cfg.train, n_train=n).build(kt.HyperParameters())
+    model = MLPHyperModel(
+        cfg.space,
+        (SIZES[0],),
+        "classification",
+        n_classes=SIZES[-1],
+        mean=x.mean(0),
+        variance=x.var(0),
+        train=cfg.train,
+        n_train=n,
+    ).build(kt.HyperParameters())
     print(f"model {'-'.join(map(str, SIZES))}: steps_per_execution={model.steps_per_execution}, jit_compile={model.jit_compile}")
     data = make_pipeline(x, y, batch_size, seed=0)
     model.fit(data, epochs=1, verbose=0)  # compile and warm up outside the timing
@@ -72,7 +88,9 @@ def main(epochs: int = 3, batch_size: int = 512, n: int = 60_000) -> float:
     achieved = training_flops_per_sample() * n * epochs / seconds / 1e9
     ratio = achieved / peak
     print(f"training: {epochs} epochs x {n} samples in {seconds:.2f}s = {achieved:.1f} GFLOP/s")
-    print(f"P4 = {achieved:.1f} / {peak:.1f} = {ratio:.2f} (goal >= 0.70: {'meets the goal' if ratio >= 0.7 else 'MISSES the goal'})")
+    print(
+        f"P4 = {achieved:.1f} / {peak:.1f} = {ratio:.2f} (goal >= 0.70: {'meets the goal' if ratio >= 0.7 else 'MISSES the goal'})"
+    )
     return ratio
 
 

@@ -29,13 +29,17 @@ def main(trials: int = 30) -> float:
     from toolkit.config import load_config
     from toolkit.tuning import run_search
 
-    cfg = load_config("quickstart", [f"tuner.max_trials={trials}", "train.epochs=2", "tracking.log_model=false", "tracking.report=false"])
+    cfg = load_config(
+        "quickstart", [f"tuner.max_trials={trials}", "train.epochs=2", "tracking.log_model=false", "tracking.report=false"]
+    )
     samples: list[float] = []
     run_search(cfg, on_trial=lambda result: samples.append(rss_mb()))
     growth = samples[-1] - samples[0]
     print(f"RSS after trial 1: {samples[0]:.0f} MB, after trial {len(samples)}: {samples[-1]:.0f} MB, peak {max(samples):.0f} MB")
     print("RSS per trial (MB): " + " ".join(f"{s:.0f}" for s in samples))
-    print(f"P5 = {growth:.0f} MB growth over {len(samples)} trials (goal <= 150 MB: {'meets the goal' if growth <= 150 else 'MISSES the goal'})")
+    print(
+        f"P5 = {growth:.0f} MB growth over {len(samples)} trials (goal <= 150 MB: {'meets the goal' if growth <= 150 else 'MISSES the goal'})"
+    )
     return growth
 
 

@@ -22,7 +22,16 @@ RANDOM_TRIALS, EPOCHS = 12, 27
 
 def search(overrides: list[str]) -> str:
     env = fresh_store_env()
-    cmd = [*TOOLKIT, "tune", "quickstart", *[a for o in overrides for a in ("--set", o)], "--set", "tracking.log_model=false", "--set", "tracking.report=false"]
+    cmd = [
+        *TOOLKIT,
+        "tune",
+        "quickstart",
+        *[a for o in overrides for a in ("--set", o)],
+        "--set",
+        "tracking.log_model=false",
+        "--set",
+        "tracking.report=false",
+    ]
     print("  " + " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, env={**__import__("os").environ, **env}, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -36,7 +45,12 @@ def trial_curves(uri: str) -> list[tuple[int, list[float]]]:
 
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("quickstart")
-    runs = client.search_runs([experiment.experiment_id], "tags.`toolkit.role` = 'trial' and attributes.status = 'FINISHED'", max_results=5000, order_by=["attributes.start_time ASC"])
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        "tags.`toolkit.role` = 'trial' and attributes.status = 'FINISHED'",
+        max_results=5000,
+        order_by=["attributes.start_time ASC"],
+    )
     curves = []
     for run in runs:
         history = sorted(client.get_metric_history(run.info.run_id, "val_accuracy"), key=lambda m: m.step)
@@ -67,7 +81,9 @@ def main() -> float:
         print(f"P6: hyperband never reached {target:.4f} (random's best - 0.5 pp); ratio > {spent / random_epochs:.2f}")
         return float("inf")
     ratio = reached / random_epochs
-    print(f"P6 = {reached} / {random_epochs} = {ratio:.2f} epochs to reach {target:.4f} (goal <= 0.4: {'meets the goal' if ratio <= 0.4 else 'MISSES the goal'})")
+    print(
+        f"P6 = {reached} / {random_epochs} = {ratio:.2f} epochs to reach {target:.4f} (goal <= 0.4: {'meets the goal' if ratio <= 0.4 else 'MISSES the goal'})"
+    )
     return ratio
 
 

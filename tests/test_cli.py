@@ -13,7 +13,9 @@ from conftest import ROOT
 
 def toolkit(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: int = 120) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "toolkit.cli", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "toolkit.cli", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout
+    )
 
 
 def no_runs_created(store_dir: Path) -> bool:

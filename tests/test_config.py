@@ -32,10 +32,16 @@ def card(**sections):
     "raw, message",
     [
         (card(spce={}), r"spce: unknown field \(is it a typo\?\)\. Accepted fields: name, seed, data"),
-        (card(space={"activaton": "relu"}), r"space\.activaton: unknown field.*Accepted fields in space: depth, units, activation"),
+        (
+            card(space={"activaton": "relu"}),
+            r"space\.activaton: unknown field.*Accepted fields in space: depth, units, activation",
+        ),
         (card(space={"activation": "relux"}), r"space\.activation: unknown activation 'relux'\. Accepted: sigmoid, tanh, relu"),
         (card(space={"activation": ["relu", "swishh"]}), r"unknown activation 'swishh'"),
-        (card(space={"optimizer": "adamm"}), r"space\.optimizer: unknown optimizer 'adamm'\. Accepted: sgd, momentum, nesterov, adam"),
+        (
+            card(space={"optimizer": "adamm"}),
+            r"space\.optimizer: unknown optimizer 'adamm'\. Accepted: sgd, momentum, nesterov, adam",
+        ),
         (card(space={"activation": {"min": 1, "max": 2}}), r"space\.activation: a range is not accepted"),
         (card(space={"depth": {"min": 4, "max": 1}}), r"space\.depth.*min 4 is greater than max 1"),
         (card(space={"depth": 0}), r"space\.depth: must be in the range \[1, 64\]\. Received: 0"),
@@ -43,20 +49,32 @@ def card(**sections):
         (card(space={"units": []}), r"space\.units.*empty list offers no choice"),
         (card(space={"units": "wide"}), r"space\.units: must be a number\. Received: 'wide'"),
         (card(space={"learning_rate": {"min": 0, "max": 1, "sampling": "log"}}), r"log sampling needs min > 0"),
-        (card(space={"learning_rate": {"min": 1e-3, "max": 1, "sampling": "cubic"}}), r"space\.learning_rate.*sampling.*'linear' or 'log'"),
+        (
+            card(space={"learning_rate": {"min": 1e-3, "max": 1, "sampling": "cubic"}}),
+            r"space\.learning_rate.*sampling.*'linear' or 'log'",
+        ),
         (card(space={"dropout": 1.5}), r"space\.dropout: must be in the range \[0, 0\.99\]\. Received: 1\.5"),
         (card(space={"l2": -1}), r"space\.l2: must be in the range \[0, 10\]\. Received: -1"),
         (card(space={"depth": {"min": 1}}), r"space\.depth\.max: this field is required"),
-        (card(tuner={"algorithm": "annealing"}), r"tuner\.algorithm: Input should be 'random', 'grid', 'bayesian' or 'hyperband'\. Received: 'annealing'"),
+        (
+            card(tuner={"algorithm": "annealing"}),
+            r"tuner\.algorithm: Input should be 'random', 'grid', 'bayesian' or 'hyperband'\. Received: 'annealing'",
+        ),
         (card(tuner={"max_trials": 0}), r"tuner\.max_trials: Input should be greater than or equal to 1\. Received: 0"),
         (card(tuner={"objective": "val loss"}), r"tuner\.objective: objective must be a metric name"),
         (card(train={"epochs": "many"}), r"train\.epochs: Input should be a valid integer.*Received: 'many'"),
         (card(train={"precision": "fp8"}), r"train\.precision: Input should be 'float32', 'mixed_float16' or 'mixed_bfloat16'"),
-        (card(strategy="quantum"), r"strategy\.name: Input should be 'auto', 'cpu', 'gpu', 'mirrored', 'tpu' or 'multi_worker'\. Received: 'quantum'"),
+        (
+            card(strategy="quantum"),
+            r"strategy\.name: Input should be 'auto', 'cpu', 'gpu', 'mirrored', 'tpu' or 'multi_worker'\. Received: 'quantum'",
+        ),
         (card(strategy={"name": "mirrored", "replicas": 0}), r"strategy\.replicas: Input should be greater than or equal to 1"),
         (card(data={"source": "imagenet"}), r"data\.source: unknown data source 'imagenet'\. Accepted: digits, breast_cancer"),
         (card(data={"source": "iris", "validation_split": 1.2}), r"data\.validation_split: Input should be less than 1"),
-        (card(data={"source": "iris", "validation_split": 0.6, "test_split": 0.5}), r"validation_split \+ test_split must be below 1"),
+        (
+            card(data={"source": "iris", "validation_split": 0.6, "test_split": 0.5}),
+            r"validation_split \+ test_split must be below 1",
+        ),
         (card(name="../escape"), r"name: name must be 1-100 characters of letters, digits.*Received: '\.\./escape'"),
         (card(name="a b"), r"name must be 1-100 characters"),
         (card(seed=-1), r"seed: Input should be greater than or equal to 0"),
@@ -69,7 +87,9 @@ def test_bad_cards_name_the_field_the_value_and_what_is_accepted(raw, message):
 
 
 def test_a_list_is_a_choice_a_scalar_is_fixed_a_mapping_is_a_range():
-    cfg = validate(card(space={"units": [32, 64], "activation": "tanh", "learning_rate": {"min": 1e-4, "max": 1e-1, "sampling": "log"}}))
+    cfg = validate(
+        card(space={"units": [32, 64], "activation": "tanh", "learning_rate": {"min": 1e-4, "max": 1e-1, "sampling": "log"}})
+    )
     assert cfg.space.units == [32, 64]
     assert cfg.space.activation == "tanh"
     assert isinstance(cfg.space.learning_rate, Range)
@@ -96,7 +116,9 @@ def test_default_objective_follows_the_task():
 
 
 def test_overrides_are_yaml_scalars_and_create_sections():
-    pairs = parse_overrides(["tuner.max_trials=7", "space.activation=[relu, tanh]", "train.jit_compile=false", "strategy.replicas=3", "name=x1"])
+    pairs = parse_overrides(
+        ["tuner.max_trials=7", "space.activation=[relu, tanh]", "train.jit_compile=false", "strategy.replicas=3", "name=x1"]
+    )
     assert pairs[0] == ("tuner.max_trials", 7)
     assert pairs[1] == ("space.activation", ["relu", "tanh"])
     assert pairs[2] == ("train.jit_compile", False)
@@ -106,7 +128,15 @@ def test_overrides_are_yaml_scalars_and_create_sections():
     assert raw["name"] == "x1"
 
 
-@pytest.mark.parametrize("pair, message", [("epochs", r"--set expects dotted\.key=value.*Received: 'epochs'"), ("=3", r"--set expects"), ("a..b=1", r"--set expects"), ("tuner.max_trials=[1", r"--set tuner\.max_trials: the value '\[1' is not valid YAML")])
+@pytest.mark.parametrize(
+    "pair, message",
+    [
+        ("epochs", r"--set expects dotted\.key=value.*Received: 'epochs'"),
+        ("=3", r"--set expects"),
+        ("a..b=1", r"--set expects"),
+        ("tuner.max_trials=[1", r"--set tuner\.max_trials: the value '\[1' is not valid YAML"),
+    ],
+)
 def test_malformed_overrides_are_errors(pair, message):
     with pytest.raises(ConfigError, match=message):
         parse_overrides([pair])

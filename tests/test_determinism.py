@@ -14,11 +14,20 @@ from toolkit.tuning import run_search
 
 
 def train(steps_per_execution: int) -> list[np.ndarray]:
-    cfg = validate({"name": "d", "data": {"source": "digits"}, "space": {"depth": 2, "units": 32, "optimizer": "momentum", "learning_rate": 0.05}, "train": {"steps_per_execution": steps_per_execution, "jit_compile": False}})
+    cfg = validate(
+        {
+            "name": "d",
+            "data": {"source": "digits"},
+            "space": {"depth": 2, "units": 32, "optimizer": "momentum", "learning_rate": 0.05},
+            "train": {"steps_per_execution": steps_per_execution, "jit_compile": False},
+        }
+    )
     data = load_dataset(cfg.data, seed=0)
     mean, var = data.feature_stats()
     keras.utils.set_random_seed(7)
-    model = MLPHyperModel(cfg.space, data.input_shape, data.task, data.n_classes, mean, var, cfg.train, len(data.x_train)).build(kt.HyperParameters())
+    model = MLPHyperModel(cfg.space, data.input_shape, data.task, data.n_classes, mean, var, cfg.train, len(data.x_train)).build(
+        kt.HyperParameters()
+    )
     assert model.steps_per_execution == steps_per_execution
     model.fit(make_pipeline(data.x_train, data.y_train, 64, seed=3), epochs=2, verbose=0)
     weights = model.get_weights()
@@ -29,7 +38,7 @@ def train(steps_per_execution: int) -> list[np.ndarray]:
 def test_steps_per_execution_changes_no_update():
     one, many = train(1), train(16)
     assert len(one) == len(many)
-    for a, b in zip(one, many):
+    for a, b in zip(one, many, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -38,7 +47,9 @@ def test_same_seed_and_card_give_the_same_trials(tmp_path, monkeypatch):
     for i in range(2):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/store{i}/mlflow.db")
         (tmp_path / f"store{i}").mkdir()
-        result = run_search(shrunk("quickstart", "train.epochs=1", "tracking.log_model=false", "tracking.report=false", "train.diagnostics=false"))
+        result = run_search(
+            shrunk("quickstart", "train.epochs=1", "tracking.log_model=false", "tracking.report=false", "train.diagnostics=false")
+        )
         values.append([(t.hyperparameters, round(t.metrics["val_accuracy"], 6)) for t in result.trials])
     assert values[0] == values[1]
 

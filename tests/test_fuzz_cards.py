@@ -17,7 +17,11 @@ from hypothesis import strategies as st
 from toolkit.cli import main
 from toolkit.config import ACTIVATIONS, ALGORITHMS, DATASETS, OPTIMIZERS, STRATEGIES, ExperimentConfig
 
-FIELDS = {name: list(model.annotation.model_fields) for name, model in ExperimentConfig.model_fields.items() if hasattr(model.annotation, "model_fields")}
+FIELDS = {
+    name: list(model.annotation.model_fields)
+    for name, model in ExperimentConfig.model_fields.items()
+    if hasattr(model.annotation, "model_fields")
+}
 KEYS = st.from_regex(r"[a-z][a-z_]{0,9}", fullmatch=True)
 SCALARS = st.one_of(
     st.none(),
@@ -30,7 +34,13 @@ SCALARS = st.one_of(
 ANY = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=3), max_leaves=6)
 RANGES = st.fixed_dictionaries(
     {},
-    optional={"min": st.one_of(st.integers(-5, 100), st.floats(-1, 10)), "max": st.one_of(st.integers(-5, 100), st.floats(-1, 10)), "step": st.one_of(st.integers(-1, 5), st.floats(0, 1)), "sampling": st.sampled_from(["linear", "log", "cubic"]), "stp": st.integers()},
+    optional={
+        "min": st.one_of(st.integers(-5, 100), st.floats(-1, 10)),
+        "max": st.one_of(st.integers(-5, 100), st.floats(-1, 10)),
+        "step": st.one_of(st.integers(-1, 5), st.floats(0, 1)),
+        "sampling": st.sampled_from(["linear", "log", "cubic"]),
+        "stp": st.integers(),
+    },
 )
 
 
@@ -55,7 +65,11 @@ CARDS = st.fixed_dictionaries(
         "tuner": section("tuner"),
         "train": section("train"),
         "strategy": st.one_of(st.sampled_from(STRATEGIES), section("strategy"), SCALARS),
-        "tracking": st.dictionaries(st.sampled_from(["log_model", "register_model", "report", "experiment", "lgo_model"]), st.one_of(st.booleans(), SCALARS), max_size=3),
+        "tracking": st.dictionaries(
+            st.sampled_from(["log_model", "register_model", "report", "experiment", "lgo_model"]),
+            st.one_of(st.booleans(), SCALARS),
+            max_size=3,
+        ),
         "extra_key": ANY,
     },
 )
@@ -107,7 +121,9 @@ def test_any_card_is_accepted_or_rejected_cleanly(content: bytes, tmp_path_facto
         parsed = _safe_parse(content)
         top = field.split(".")[0]
         # The field is either a key of the card (possibly nested), or the card file itself.
-        assert field == str(card) or top in (parsed if isinstance(parsed, dict) else {}) or top in ExperimentConfig.model_fields, err
+        assert (
+            field == str(card) or top in (parsed if isinstance(parsed, dict) else {}) or top in ExperimentConfig.model_fields
+        ), err
         # A rejected card is rejected by `tune` too, before anything is created.
         assert main(["tune", str(card)]) == 2
         capsys.readouterr()

@@ -27,7 +27,7 @@ def test_every_activation_and_optimizer_builds_and_trains_one_step(activation, o
     before = [w.copy() for w in model.get_weights()]
     model.fit(x, y, batch_size=32, epochs=1, verbose=0)
     after = model.get_weights()
-    assert any(not np.allclose(a, b) for a, b in zip(before, after)), "one step must change the weights"
+    assert any(not np.allclose(a, b) for a, b in zip(before, after, strict=True)), "one step must change the weights"
     assert model.layers[-1].activation.__name__ == "softmax"
     assert model.loss == "sparse_categorical_crossentropy"
     keras.backend.clear_session()

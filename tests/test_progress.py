@@ -20,7 +20,16 @@ CFG = validate({"name": "p", "data": {"source": "iris"}, "tuner": {"max_trials":
 
 def trial(tid: str, score: float | None, status: str = "FINISHED") -> TrialResult:
     metrics = {} if score is None else {"best_val_accuracy": score, "val_accuracy": score}
-    return TrialResult(tid, status, {"depth": 2, "activation": "relu", "learning_rate": 0.0123}, metrics, 1, 1.5, None if status == "FINISHED" else "the loss became NaN", "run")
+    return TrialResult(
+        tid,
+        status,
+        {"depth": 2, "activation": "relu", "learning_rate": 0.0123},
+        metrics,
+        1,
+        1.5,
+        None if status == "FINISHED" else "the loss became NaN",
+        "run",
+    )
 
 
 def test_without_a_terminal_each_trial_is_one_line_with_the_best_so_far():
@@ -59,7 +68,21 @@ def test_summary_names_the_best_trial_its_hyperparameters_score_and_the_ui():
 @pytest.mark.slow
 def test_tune_is_quiet_by_default_and_prints_progress_and_summary(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    args = [sys.executable, "-m", "toolkit.cli", "tune", "quickstart", "--set", "tuner.max_trials=2", "--set", "train.epochs=1", "--set", "tracking.log_model=false", "--set", "tracking.report=false"]
+    args = [
+        sys.executable,
+        "-m",
+        "toolkit.cli",
+        "tune",
+        "quickstart",
+        "--set",
+        "tuner.max_trials=2",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "tracking.log_model=false",
+        "--set",
+        "tracking.report=false",
+    ]
     proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     # TensorFlow's start-up noise is suppressed by default.

@@ -87,7 +87,18 @@ def test_fixed_scalars_are_fixed():
     assert isinstance(hp.space[0], kt.engine.hyperparameters.Fixed)
 
 
-@pytest.mark.parametrize("name, cls, extra", [("sgd", "SGD", {}), ("momentum", "SGD", {"momentum": 0.9}), ("nesterov", "SGD", {"nesterov": True}), ("adam", "Adam", {}), ("adamw", "AdamW", {}), ("rmsprop", "RMSprop", {}), ("adagrad", "Adagrad", {})])
+@pytest.mark.parametrize(
+    "name, cls, extra",
+    [
+        ("sgd", "SGD", {}),
+        ("momentum", "SGD", {"momentum": 0.9}),
+        ("nesterov", "SGD", {"nesterov": True}),
+        ("adam", "Adam", {}),
+        ("adamw", "AdamW", {}),
+        ("rmsprop", "RMSprop", {}),
+        ("adagrad", "Adagrad", {}),
+    ],
+)
 def test_optimizer_registry(name, cls, extra):
     opt = space.make_optimizer(name, 0.01, momentum=0.9)
     assert type(opt).__name__ == cls

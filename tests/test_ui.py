@@ -18,7 +18,18 @@ from toolkit.tuning import run_search
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Without the background-networking switches Chromium keeps dialling out on a closed network.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1400,900", "--virtual-time-budget=20000"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,900",
+    "--virtual-time-budget=20000",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +48,9 @@ def api(base: str, path: str, body: dict | None = None) -> dict:
 
 
 def render(url: str, profile: Path, extra: list[str]) -> str:
-    proc = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, url], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, url], capture_output=True, text=True, timeout=120
+    )
     return proc.stdout
 
 
@@ -45,7 +58,11 @@ def render(url: str, profile: Path, extra: list[str]) -> str:
 def ui(store: str, tmp_path: Path):
     port = free_port()
     log = open(tmp_path / "ui.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
@@ -73,8 +90,8 @@ def test_ui_shows_the_search_and_its_nested_trials(store, ui, tmp_path):
     experiment = api(ui, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=quickstart")["experiment"]
     runs = api(ui, "/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})["runs"]
     tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
-    parents = [run for run, t in zip(runs, tags) if t.get("toolkit.role") == "search"]
-    children = [run for run, t in zip(runs, tags) if t.get("mlflow.parentRunId") == result.parent_run_id]
+    parents = [run for run, t in zip(runs, tags, strict=True) if t.get("toolkit.role") == "search"]
+    children = [run for run, t in zip(runs, tags, strict=True) if t.get("mlflow.parentRunId") == result.parent_run_id]
     assert len(parents) == 1 and parents[0]["info"]["run_id"] == result.parent_run_id
     assert len(children) == 2
 

@@ -31,7 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = sub.add_parser("tune", help="run (or resume) the search an experiment card describes")
     tune.add_argument("exp", metavar="EXP", help="a card name in experiments/ or a path to a YAML card")
-    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a card field, e.g. --set tuner.max_trials=2 (repeatable)")
+    tune.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a card field, e.g. --set tuner.max_trials=2 (repeatable)",
+    )
     tune.add_argument("--fresh", action="store_true", help="start a new search and parent run instead of resuming")
     tune.add_argument("--workers", type=int, default=0, metavar="N", help="run N local tuner workers under a chief on 127.0.0.1")
     tune.add_argument("--role", choices=["chief", "worker"], help="for searches across hosts: this process's role")
@@ -129,7 +136,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     check_available(cfg.strategy)  # no TPU, no TF_CONFIG: said within a second, before TensorFlow loads
     _quiet_tensorflow(args.verbose)
-    if args.workers or args.role or os.environ.get("KERASTUNER_ORACLE_IP"):  # KerasTuner's own variables also make a chief or worker
+    if (
+        args.workers or args.role or os.environ.get("KERASTUNER_ORACLE_IP")
+    ):  # KerasTuner's own variables also make a chief or worker
         from toolkit import distributed
 
         return distributed.main(cfg, args)
@@ -169,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         exp = getattr(args, "exp", "")
-        print(f"\ninterrupted: open runs were marked KILLED. Resume with: toolkit tune {exp} (or make tune EXP={exp})", file=sys.stderr)
+        print(
+            f"\ninterrupted: open runs were marked KILLED. Resume with: toolkit tune {exp} (or make tune EXP={exp})",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     except Exception as exc:  # any other failure: one line, no traceback unless asked for
         if os.environ.get("TOOLKIT_DEBUG") or getattr(args, "verbose", False):

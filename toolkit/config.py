@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -107,9 +107,9 @@ class Range(_Section):
         return all(float(v).is_integer() for v in (self.min, self.max, self.step or 1))
 
 
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 # A list is a choice, a scalar is fixed, a mapping is a range.
-Param = Union[Range, list[Scalar], Scalar]
+Param = Range | list[Scalar] | Scalar
 
 
 def _choices(value: Param) -> list[Any]:
@@ -201,8 +201,7 @@ class DataConfig(_Section):
         if value in DATASETS or value.lower().endswith(FILE_SUFFIXES):
             return value
         raise ValueError(
-            f"unknown data source {value!r}. Accepted: {', '.join(DATASETS)}, "
-            f"or a path to a {'/'.join(FILE_SUFFIXES)} file"
+            f"unknown data source {value!r}. Accepted: {', '.join(DATASETS)}, or a path to a {'/'.join(FILE_SUFFIXES)} file"
         )
 
     @field_validator("target", "features", "n_samples", "noise", "n_features", "n_classes")
@@ -378,8 +377,7 @@ def resolve_card_path(exp: str | Path, experiments_dir: Path | None = None) -> P
     known = available_cards(experiments_dir)
     listing = ", ".join(known) if known else f"none in {experiments_dir}/"
     raise ConfigError(
-        f"unknown experiment {text!r}. Cards that exist: {listing}. "
-        "Give a card name from experiments/ or a path to a YAML file.",
+        f"unknown experiment {text!r}. Cards that exist: {listing}. Give a card name from experiments/ or a path to a YAML file.",
         field="EXP",
     )
 
@@ -436,9 +434,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[tuple[str, Any]]) -> di
             if child is None:
                 child = {}
             if not isinstance(child, dict):
-                raise ConfigError(
-                    f"--set {key}: {part!r} holds {child!r}, not a section with fields", field=key
-                )
+                raise ConfigError(f"--set {key}: {part!r} holds {child!r}, not a section with fields", field=key)
             node[part] = child
             node = child
         node[parts[-1]] = value

@@ -96,17 +96,32 @@ def print_summary(result: Any, console: Console | None = None) -> None:
     console = console or Console()
     done = sum(t.status == "FINISHED" for t in result.trials)
     failed = sum(t.status == "FAILED" for t in result.trials)
-    console.print(f"[bold]{result.name}[/bold]: {done} trial(s) finished, {failed} failed in {result.seconds:.1f}s" + (" (resumed)" if result.resumed else ""), highlight=False, soft_wrap=True)
+    console.print(
+        f"[bold]{result.name}[/bold]: {done} trial(s) finished, {failed} failed in {result.seconds:.1f}s"
+        + (" (resumed)" if result.resumed else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
     if result.stopped_reason:
         console.print(f"[yellow]search {result.stopped_reason}[/yellow]", highlight=False, soft_wrap=True)
     if result.best is None:
-        console.print("[red]no trial finished with a score[/red]; see each trial's toolkit.failure tag in MLflow", highlight=False, soft_wrap=True)
+        console.print(
+            "[red]no trial finished with a score[/red]; see each trial's toolkit.failure tag in MLflow",
+            highlight=False,
+            soft_wrap=True,
+        )
     else:
         best = result.best
         score = best.metrics.get(f"best_{result.objective}")
         params = ", ".join(f"{k}={_short(v)}" for k, v in best.hyperparameters.items() if not k.startswith("tuner/"))
-        console.print(f"best trial {best.trial_id}: {result.objective}={_fmt(score)} ({result.direction}) with {params}", highlight=False, soft_wrap=True)
-    console.print(f"parent run {result.parent_run_id} in experiment {result.name!r}. {_browse_hint()}", highlight=False, soft_wrap=True)
+        console.print(
+            f"best trial {best.trial_id}: {result.objective}={_fmt(score)} ({result.direction}) with {params}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    console.print(
+        f"parent run {result.parent_run_id} in experiment {result.name!r}. {_browse_hint()}", highlight=False, soft_wrap=True
+    )
     sys.stdout.flush()
 
 

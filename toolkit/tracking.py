@@ -173,8 +173,17 @@ def git_commit(path: Path | None = None) -> dict[str, Any] | None:
     """
     cwd = str(path or Path.cwd())
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True).stdout
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": sha, "dirty": bool(status.strip())} if sha else None
@@ -530,7 +539,14 @@ class SearchTracker:
         log_params(self.uri, run_id, hyperparameters, synchronous=False)
         return run_id
 
-    def end_trial(self, run_id: str, status: str, failure: str | None = None, metrics: dict[str, float] | None = None, details: str | None = None) -> None:
+    def end_trial(
+        self,
+        run_id: str,
+        status: str,
+        failure: str | None = None,
+        metrics: dict[str, float] | None = None,
+        details: str | None = None,
+    ) -> None:
         """Close a trial's run as FINISHED, FAILED (with the reason as a tag) or KILLED.
 
         Summary metrics and the failure tag go in one batched call: per-trial calls are the
@@ -588,7 +604,9 @@ class SearchTracker:
             x, y = (dataset.x_train, dataset.y_train) if context == "training" else (dataset.x_val, dataset.y_val)
             # A user file is a local path; a built-in source is code (scikit-learn or a generator).
             source = dataset.source if "/" in dataset.source else CodeDatasetSource(tags={"toolkit.source": dataset.source})
-            ds = mlflow.data.from_numpy(x, targets=y, source=source, name=f"{dataset.name}-{context}", digest=f"{dataset.digest}-{context[:3]}")
+            ds = mlflow.data.from_numpy(
+                x, targets=y, source=source, name=f"{dataset.name}-{context}", digest=f"{dataset.digest}-{context[:3]}"
+            )
             self._dataset_inputs[key] = DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
         return self._dataset_inputs[key]
 
@@ -604,7 +622,9 @@ class SearchTracker:
 
     def log_json(self, data: Any, artifact_file: str, run_id: str | None = None) -> None:
         """Write ``data`` as an indented JSON artifact (the parent run by default)."""
-        self.client.log_text(run_id or self.parent_run_id, json.dumps(data, indent=2, sort_keys=False, default=str), artifact_file)
+        self.client.log_text(
+            run_id or self.parent_run_id, json.dumps(data, indent=2, sort_keys=False, default=str), artifact_file
+        )
 
     def log_csv(self, rows: list[dict[str, Any]], artifact_file: str, run_id: str | None = None) -> None:
         """Write dict rows as a CSV artifact; the columns are the union of keys, in first-seen order."""

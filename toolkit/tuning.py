@@ -128,7 +128,16 @@ class TrackedTunerMixin:
     NaN loss into a failed trial, ``on_trial_end`` closes the run with the trial's status.
     """
 
-    def __init__(self, *args: Any, tracker: tracking.SearchTracker, strategy_info: StrategyInfo, dataset: Dataset, card: ExperimentConfig, on_trial: Callable[[TrialResult], None] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        tracker: tracking.SearchTracker,
+        strategy_info: StrategyInfo,
+        dataset: Dataset,
+        card: ExperimentConfig,
+        on_trial: Callable[[TrialResult], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.tracker = tracker
         self.strategy_info = strategy_info
         self.dataset = dataset
@@ -142,7 +151,11 @@ class TrackedTunerMixin:
 
     def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
         super().on_trial_begin(trial)
-        tags = {**self.strategy_info.tags(), "toolkit.batch_size_per_replica": str(self.strategy_info.per_replica_batch(self.card.train.batch_size)), "toolkit.worker": self.tuner_id}
+        tags = {
+            **self.strategy_info.tags(),
+            "toolkit.batch_size_per_replica": str(self.strategy_info.per_replica_batch(self.card.train.batch_size)),
+            "toolkit.worker": self.tuner_id,
+        }
         run_id = self.tracker.start_trial(trial.trial_id, trial.hyperparameters.values, tags)
         self.tracker.log_datasets(run_id, self.dataset, ("training", "validation"))
         self._runs[trial.trial_id] = run_id
@@ -150,7 +163,11 @@ class TrackedTunerMixin:
 
     def run_trial(self, trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> Any:
         run_id = self._runs[trial.trial_id]
-        kwargs["callbacks"] = [*kwargs.get("callbacks", []), QuietTerminateOnNaN(), tracking.EpochLogger(self.tracker.uri, run_id)]
+        kwargs["callbacks"] = [
+            *kwargs.get("callbacks", []),
+            QuietTerminateOnNaN(),
+            tracking.EpochLogger(self.tracker.uri, run_id),
+        ]
         if self.card.train.diagnostics:
             from toolkit.diagnostics import DiagnosticsCallback
 
@@ -196,7 +213,9 @@ class TrackedTunerMixin:
         if best_epoch is not None:
             summary["best_epoch"] = best_epoch
         self.tracker.end_trial(run_id, status, failure=failure, metrics=summary, details=trial.message if failure else None)
-        result = TrialResult(trial.trial_id, status, dict(trial.hyperparameters.values), metrics, best_epoch, seconds, failure, run_id)
+        result = TrialResult(
+            trial.trial_id, status, dict(trial.hyperparameters.values), metrics, best_epoch, seconds, failure, run_id
+        )
         self.results.append(result)
         self._prune_checkpoints()
         # Free the trial's graphs: KerasTuner searches otherwise grow in memory.
@@ -320,7 +339,9 @@ def tuner_class(algorithm: str) -> type:
     return _TRACKED[algorithm]
 
 
-def make_tuner(cfg: ExperimentConfig, hypermodel: kt.HyperModel, directory: Path, project_name: str, overwrite: bool, **tracked: Any) -> kt.Tuner:
+def make_tuner(
+    cfg: ExperimentConfig, hypermodel: kt.HyperModel, directory: Path, project_name: str, overwrite: bool, **tracked: Any
+) -> kt.Tuner:
     """Build the card's KerasTuner tuner, seeded, with the objective's direction inferred."""
     objective = kt.Objective(cfg.objective, direction=cfg.direction)
     common = dict(
@@ -423,7 +444,18 @@ def run_search(
         tracker.log_json(tracking.environment(info), "environment.json")
         tracker.log_data_summary(dataset)
         hypermodel = build_hypermodel(cfg, dataset)
-        tuner = make_tuner(cfg, hypermodel, workdir.parent, workdir.name, overwrite=False, tracker=tracker, strategy_info=info, dataset=dataset, card=cfg, on_trial=on_trial)
+        tuner = make_tuner(
+            cfg,
+            hypermodel,
+            workdir.parent,
+            workdir.name,
+            overwrite=False,
+            tracker=tracker,
+            strategy_info=info,
+            dataset=dataset,
+            card=cfg,
+            on_trial=on_trial,
+        )
         if resumed:
             trials = tuner.oracle.trials
             completed = {tid for tid, t in trials.items() if t.status == "COMPLETED"}
@@ -473,11 +505,21 @@ def search_inputs(cfg: ExperimentConfig, dataset: Dataset) -> tuple[tuple[Any, .
     val_ds = make_pipeline(dataset.x_val, dataset.y_val, cfg.train.batch_size, cfg.seed, shuffle=False)
     callbacks = []
     if cfg.train.early_stopping:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor=cfg.objective, mode=cfg.direction, patience=cfg.train.early_stopping))
+        callbacks.append(
+            keras.callbacks.EarlyStopping(monitor=cfg.objective, mode=cfg.direction, patience=cfg.train.early_stopping)
+        )
     return (train_ds,), {"validation_data": val_ds, "epochs": cfg.train.epochs, "callbacks": callbacks, "verbose": 0}
 
 
-def join_search(cfg: ExperimentConfig, dataset: Dataset, info: StrategyInfo, parent_run_id: str, uri: str, workdir: Path, on_trial: Callable[[TrialResult], None] | None = None) -> SearchResult:
+def join_search(
+    cfg: ExperimentConfig,
+    dataset: Dataset,
+    info: StrategyInfo,
+    parent_run_id: str,
+    uri: str,
+    workdir: Path,
+    on_trial: Callable[[TrialResult], None] | None = None,
+) -> SearchResult:
     """A distributed worker's part of a search: run the trials the chief's oracle hands out.
 
     KerasTuner's ``KERASTUNER_*`` variables make the tuner a client of the chief's oracle. Trial
@@ -503,7 +545,18 @@ def join_search(cfg: ExperimentConfig, dataset: Dataset, info: StrategyInfo, par
     status, reason = "FAILED", "the worker failed"
     try:
         hypermodel = build_hypermodel(cfg, dataset)
-        tuner = make_tuner(cfg, hypermodel, workdir.parent, workdir.name, overwrite=False, tracker=tracker, strategy_info=info, dataset=dataset, card=cfg, on_trial=on_trial)
+        tuner = make_tuner(
+            cfg,
+            hypermodel,
+            workdir.parent,
+            workdir.name,
+            overwrite=False,
+            tracker=tracker,
+            strategy_info=info,
+            dataset=dataset,
+            card=cfg,
+            on_trial=on_trial,
+        )
         fit_args, fit_kwargs = search_inputs(cfg, dataset)
         tuner.search(*fit_args, **fit_kwargs)
         result.trials = list(tuner.results)
@@ -522,7 +575,9 @@ def join_search(cfg: ExperimentConfig, dataset: Dataset, info: StrategyInfo, par
     return result
 
 
-def finish_search(tuner: Any, tracker: tracking.SearchTracker, cfg: ExperimentConfig, dataset: Dataset, result: SearchResult, workdir: Path) -> dict[str, float]:
+def finish_search(
+    tuner: Any, tracker: tracking.SearchTracker, cfg: ExperimentConfig, dataset: Dataset, result: SearchResult, workdir: Path
+) -> dict[str, float]:
     """The parent run's record of a finished search: artifacts, the best model, summary metrics.
 
     Logs ``trials.csv`` and ``search_space.json``; evaluates the best model on the test split if
@@ -566,8 +621,15 @@ def finish_search(tuner: Any, tracker: tracking.SearchTracker, cfg: ExperimentCo
         scores = model.evaluate(test_ds, verbose=0, return_dict=True)
         metrics.update({f"test_{name}": float(value) for name, value in scores.items()})
     if cfg.tracking.log_model and not already_logged:
-        version_tags = {**tags, "toolkit.search_id": search_id(cfg), "toolkit.objective": cfg.objective, key: f"{metrics[key]:.6g}"}
-        logged = tracker.log_best_model(model, dataset.x_train[:5], register_as=cfg.name if cfg.tracking.register_model else None, tags=version_tags)
+        version_tags = {
+            **tags,
+            "toolkit.search_id": search_id(cfg),
+            "toolkit.objective": cfg.objective,
+            key: f"{metrics[key]:.6g}",
+        }
+        logged = tracker.log_best_model(
+            model, dataset.x_train[:5], register_as=cfg.name if cfg.tracking.register_model else None, tags=version_tags
+        )
         result.model_uri = logged.champion_uri or logged.model_uri
         tracker.set_tags({"toolkit.model_trial_id": best.trial_id, "toolkit.model_uri": result.model_uri})
         metrics["model_log_seconds"] = logged.seconds
@@ -588,7 +650,14 @@ def trials_rows(trials: list[TrialResult]) -> list[dict[str, Any]]:
         row.update({name: t.hyperparameters.get(name, "") for name in hp_names})
         row.update({f"final_{name}": t.metrics.get(name, "") for name in metric_names})
         row.update({f"best_{name}": t.metrics.get(f"best_{name}", "") for name in metric_names})
-        row.update({"best_epoch": "" if t.best_epoch is None else t.best_epoch, "seconds": round(t.seconds, 3), "failure": t.failure or "", "run_id": t.run_id or ""})
+        row.update(
+            {
+                "best_epoch": "" if t.best_epoch is None else t.best_epoch,
+                "seconds": round(t.seconds, 3),
+                "failure": t.failure or "",
+                "run_id": t.run_id or "",
+            }
+        )
         rows.append(row)
     return rows
 
@@ -625,7 +694,9 @@ def _result_from_run(run: Any, tuner: Any) -> TrialResult:
     if seconds is None:
         seconds = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else 0.0
     best_epoch = int(data["best_epoch"]) if "best_epoch" in data else None
-    return TrialResult(tid, run.info.status, hps, metrics, best_epoch, float(seconds), run.data.tags.get("toolkit.failure"), run.info.run_id)
+    return TrialResult(
+        tid, run.info.status, hps, metrics, best_epoch, float(seconds), run.data.tags.get("toolkit.failure"), run.info.run_id
+    )
 
 
 def _best(trials: list[TrialResult], cfg: ExperimentConfig, tuner: Any = None) -> TrialResult | None:
