@@ -52,7 +52,7 @@ def main() -> None:
             "adam": lambda: keras.optimizers.Adam(lr),
             "rmsprop": lambda: keras.optimizers.RMSprop(lr),
         }[name]()
-        model.compile(optimizer, "sparse_categorical_crossentropy", ["accuracy"])
+        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         return model
 
     with tempfile.TemporaryDirectory() as folder:
