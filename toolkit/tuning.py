@@ -365,6 +365,32 @@ def make_tuner(
     return cls(max_trials=cfg.tuner.max_trials, **common, **tracked)
 
 
+def tracked_tuner(
+    cfg: ExperimentConfig,
+    dataset: Dataset,
+    info: StrategyInfo,
+    tracker: tracking.SearchTracker,
+    workdir: Path,
+    on_trial: Callable[[TrialResult], None] | None = None,
+) -> kt.Tuner:
+    """The card's tracked tuner over its HyperModel, resuming the project in ``workdir``.
+
+    The same in one process, in a distributed chief and in every worker.
+    """
+    return make_tuner(
+        cfg,
+        build_hypermodel(cfg, dataset),
+        workdir.parent,
+        workdir.name,
+        overwrite=False,
+        tracker=tracker,
+        strategy_info=info,
+        dataset=dataset,
+        card=cfg,
+        on_trial=on_trial,
+    )
+
+
 def project_dir(uri: str, cfg: ExperimentConfig) -> Path:
     """Where KerasTuner keeps this card's state: a stable path under the store, for resume."""
     return tracking.store_dir(uri) / "tuner" / cfg.name
@@ -443,19 +469,7 @@ def run_search(
     try:
         tracker.log_json(tracking.environment(info), "environment.json")
         tracker.log_data_summary(dataset)
-        hypermodel = build_hypermodel(cfg, dataset)
-        tuner = make_tuner(
-            cfg,
-            hypermodel,
-            workdir.parent,
-            workdir.name,
-            overwrite=False,
-            tracker=tracker,
-            strategy_info=info,
-            dataset=dataset,
-            card=cfg,
-            on_trial=on_trial,
-        )
+        tuner = tracked_tuner(cfg, dataset, info, tracker, workdir, on_trial)
         if resumed:
             trials = tuner.oracle.trials
             completed = {tid for tid, t in trials.items() if t.status == "COMPLETED"}
@@ -544,19 +558,7 @@ def join_search(
     result = SearchResult(cfg.name, cfg.objective, cfg.direction, parent, tracker.ensure_experiment())
     status, reason = "FAILED", "the worker failed"
     try:
-        hypermodel = build_hypermodel(cfg, dataset)
-        tuner = make_tuner(
-            cfg,
-            hypermodel,
-            workdir.parent,
-            workdir.name,
-            overwrite=False,
-            tracker=tracker,
-            strategy_info=info,
-            dataset=dataset,
-            card=cfg,
-            on_trial=on_trial,
-        )
+        tuner = tracked_tuner(cfg, dataset, info, tracker, workdir, on_trial)
         fit_args, fit_kwargs = search_inputs(cfg, dataset)
         tuner.search(*fit_args, **fit_kwargs)
         result.trials = list(tuner.results)
