@@ -234,3 +234,12 @@ def test_switches_turn_diagnostics_and_report_off(store, mlflow_client):
     metrics = mlflow_client.get_run(result.trials[0].run_id).data.metrics
     assert "val_accuracy" in metrics and not any(k.startswith(("grad_norm/", "gap_")) for k in metrics)
     assert "report.md" not in {a.path for a in mlflow_client.list_artifacts(result.parent_run_id)}
+
+
+def test_reading_a_store_loads_no_tensorflow():
+    """`toolkit report` works from MLflow alone, so its modules must not pay TensorFlow's import."""
+    import subprocess
+    import sys
+
+    code = "import sys, toolkit.analysis, toolkit.tracking; assert 'tensorflow' not in sys.modules, 'tensorflow was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

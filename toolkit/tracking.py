@@ -22,12 +22,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import keras
 import yaml
 
 from toolkit.config import ExperimentConfig
+
+if TYPE_CHECKING:
+    import keras
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,7 @@ def _param_value(value: Any) -> str:
     return text[:6000]
 
 
-def _finite_metrics(logs: dict[str, Any]) -> dict[str, float]:
+def finite_metrics(logs: dict[str, Any]) -> dict[str, float]:
     out = {}
     for key, value in (logs or {}).items():
         try:
@@ -208,7 +210,7 @@ def environment(strategy_info: Any = None) -> dict[str, Any]:
     devices = {kind: [d.name for d in tf.config.list_physical_devices(kind)] for kind in ("CPU", "GPU", "TPU")}
     env: dict[str, Any] = {
         "versions": versions,
-        "keras_backend": keras.backend.backend(),
+        "keras_backend": _keras_backend(),
         "git": git_commit(),
         "platform": platform.platform(),
         "python_executable": sys.executable,
@@ -242,6 +244,13 @@ def _global_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
+def _keras_backend() -> str:
+    # Imported here so that reading a store (analysis, `toolkit report`) loads no TensorFlow.
+    import keras
+
+    return keras.backend.backend()
+
+
 def _save_keras_model(path: str, **kwargs: Any) -> None:
     # mlflow.keras.save_model writes the input example before it creates the model folder, so
     # log_model with an input example fails (mlflow/mlflow#16183, open in MLflow 3.17).
@@ -270,26 +279,6 @@ class LoggedModel:
     @property
     def champion_uri(self) -> str | None:
         return f"models:/{self.registered_name}@champion" if self.registered_name else None
-
-
-class EpochLogger(keras.callbacks.Callback):
-    """Logs Keras' own metric names every epoch, with ``step=epoch``, in one batched call.
-
-    Args:
-        uri: The tracking URI.
-        run_id: The trial's run.
-    """
-
-    def __init__(self, uri: str, run_id: str) -> None:
-        super().__init__()
-        self.uri = uri
-        self.run_id = run_id
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        metrics = _finite_metrics(logs or {})
-        if metrics:
-            # Queued, not awaited: an epoch's end must not wait for the store.
-            log_metrics(self.uri, self.run_id, metrics, step=epoch, synchronous=False)
 
 
 class SearchTracker:
@@ -667,6 +656,8 @@ class SearchTracker:
         signature = infer_signature(example, model.predict(example, verbose=0))
         # The same layers and weights without the optimizer: a served model never trains, and a
         # saved optimizer whose slots were never built warns on every load.
+        import keras
+
         inference = keras.Model(model.inputs, model.outputs, name=model.name)
         # MLflow checks the input example by predicting on it; keep Keras' progress bar quiet.
         interactive = keras.utils.is_interactive_logging_enabled()

@@ -121,6 +121,26 @@ class QuietTerminateOnNaN(keras.callbacks.TerminateOnNaN):
             self.model.stop_training = True
 
 
+class EpochLogger(keras.callbacks.Callback):
+    """Logs Keras' own metric names every epoch, with ``step=epoch``, in one batched call.
+
+    Args:
+        uri: The tracking URI.
+        run_id: The trial's run.
+    """
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        super().__init__()
+        self.uri = uri
+        self.run_id = run_id
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        metrics = tracking.finite_metrics(logs or {})
+        if metrics:
+            # Queued, not awaited: an epoch's end must not wait for the store.
+            tracking.log_metrics(self.uri, self.run_id, metrics, step=epoch, synchronous=False)
+
+
 class TrackedTunerMixin:
     """Adds MLflow tracking to a KerasTuner tuner through its trial hooks.
 
@@ -166,7 +186,7 @@ class TrackedTunerMixin:
         kwargs["callbacks"] = [
             *kwargs.get("callbacks", []),
             QuietTerminateOnNaN(),
-            tracking.EpochLogger(self.tracker.uri, run_id),
+            EpochLogger(self.tracker.uri, run_id),
         ]
         if self.card.train.diagnostics:
             from toolkit.diagnostics import DiagnosticsCallback
