@@ -48,7 +48,7 @@ def search(card: str, overrides: list[str], diagnostics: bool) -> tuple[float, f
 
     from toolkit import diagnostics as diag
     from toolkit.config import load_config
-    from toolkit.tuning import run_search
+    from toolkit.tuner import run_search
 
     diag._COMPILED.clear()  # every search pays its own traces, as in a fresh process
     uri = f"sqlite:///{tempfile.mkdtemp(prefix='bench-diag-')}/mlflow.db"

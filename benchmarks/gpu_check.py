@@ -75,7 +75,7 @@ def toolkit_rate(cfg: Any) -> tuple[float, Any]:
     from mlflow import MlflowClient
 
     from toolkit.data import load_dataset
-    from toolkit.tuning import run_search
+    from toolkit.tuner import run_search
 
     folder = tempfile.mkdtemp(prefix="gpu-check-")
     uri = f"sqlite:///{folder}/mlflow.db"
@@ -98,7 +98,7 @@ def bare_rate(cfg: Any) -> float:
     from toolkit.data import load_dataset
     from toolkit.models import build_hypermodel
     from toolkit.strategy import make_strategy
-    from toolkit.tuning import search_inputs
+    from toolkit.tuner import search_inputs
 
     class EpochEnds(keras.callbacks.Callback):
         def __init__(self) -> None:

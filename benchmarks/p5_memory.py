@@ -27,7 +27,7 @@ def main(trials: int = 30) -> float:
     store = tempfile.mkdtemp(prefix="bench-p5-")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
     from toolkit.config import load_config
-    from toolkit.tuning import run_search
+    from toolkit.tuner import run_search
 
     cfg = load_config(
         "quickstart", [f"tuner.max_trials={trials}", "train.epochs=2", "tracking.log_model=false", "tracking.report=false"]

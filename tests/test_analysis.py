@@ -200,7 +200,7 @@ def test_report_without_a_search_is_a_usage_error(shared_store, monkeypatch, cap
 
 def test_quickstart_trials_carry_diagnostics_and_the_parent_the_report(store, mlflow_client, monkeypatch):
     from toolkit import cli
-    from toolkit.tuning import run_search
+    from toolkit.tuner import run_search
 
     result = run_search(shrunk("quickstart", "train.epochs=2", "tracking.log_model=false"))
     for trial in result.trials:
@@ -225,7 +225,7 @@ def test_quickstart_trials_carry_diagnostics_and_the_parent_the_report(store, ml
 
 
 def test_switches_turn_diagnostics_and_report_off(store, mlflow_client):
-    from toolkit.tuning import run_search
+    from toolkit.tuner import run_search
 
     cfg = shrunk(
         "quickstart", "tuner.max_trials=1", "train.diagnostics=false", "tracking.report=false", "tracking.log_model=false"

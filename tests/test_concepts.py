@@ -32,7 +32,7 @@ def test_concept_cards_exist_and_say_what_the_essay_claims(card):
 
 def _search(*overrides: str) -> analysis.SearchData:
     """Run a shrunk card and read its trials back from MLflow alone."""
-    from toolkit.tuning import run_search
+    from toolkit.tuner import run_search
 
     cfg = shrunk(*overrides, "tracking.log_model=false")
     result = run_search(cfg)

@@ -10,7 +10,7 @@ from conftest import shrunk
 from toolkit.config import validate
 from toolkit.data import load_dataset, make_pipeline
 from toolkit.models import MLPHyperModel
-from toolkit.tuning import run_search
+from toolkit.tuner import run_search
 
 
 def train(steps_per_execution: int) -> list[np.ndarray]:
@@ -55,7 +55,7 @@ def test_same_seed_and_card_give_the_same_trials(tmp_path, monkeypatch):
 
 
 def test_an_edited_data_file_is_a_new_search(tmp_path):
-    from toolkit.tuning import search_id
+    from toolkit.tuner import search_id
 
     csv = tmp_path / "d.csv"
     csv.write_text("a,label\n1,x\n2,y\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 from conftest import shrunk
 
-from toolkit.tuning import run_search
+from toolkit.tuner import run_search
 
 
 def test_quickstart_search_is_recorded_as_parent_and_nested_trials(store, mlflow_client):

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from toolkit.config import validate
 from toolkit.progress import Reporter, print_summary
-from toolkit.tuning import SearchResult, TrialResult
+from toolkit.tuner import SearchResult, TrialResult
 
 CFG = validate({"name": "p", "data": {"source": "iris"}, "tuner": {"max_trials": 3}})
 

@@ -16,7 +16,7 @@ from collections import Counter
 import pytest
 from conftest import ROOT, shrunk
 
-from toolkit.tuning import run_search
+from toolkit.tuner import run_search
 
 QUICKSTART = str(ROOT / "experiments" / "quickstart.yaml")
 FAST = ("tracking.log_model=false", "tracking.report=false", "train.diagnostics=false")

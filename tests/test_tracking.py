@@ -22,7 +22,7 @@ import yaml
 from conftest import ROOT, shrunk
 
 from toolkit.data import load_dataset
-from toolkit.tuning import run_search
+from toolkit.tuner import run_search
 
 QUICKSTART = str(ROOT / "experiments" / "quickstart.yaml")
 
@@ -230,7 +230,7 @@ def test_an_exception_in_build_fails_the_trial_with_its_reason(store, mlflow_cli
     from toolkit import tracking
     from toolkit.models import build_hypermodel
     from toolkit.strategy import make_strategy
-    from toolkit.tuning import make_tuner
+    from toolkit.tuner import make_tuner
 
     cfg = shrunk("quickstart", "train.diagnostics=false", "tracking.report=false")
     dataset = load_dataset(cfg.data, cfg.seed)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import shrunk
 
-from toolkit.tuning import run_search
+from toolkit.tuner import run_search
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Without the background-networking switches Chromium keeps dialling out on a closed network.

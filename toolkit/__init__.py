@@ -17,7 +17,7 @@ from toolkit.config import ConfigError, ExperimentConfig, load_config
 __version__ = "0.1.0"
 
 _LAZY = {
-    "run_search": "toolkit.tuning",
+    "run_search": "toolkit.tuner",
     "load_dataset": "toolkit.data",
     "make_pipeline": "toolkit.data",
     "MLPHyperModel": "toolkit.models",

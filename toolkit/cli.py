@@ -144,7 +144,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return distributed.main(cfg, args)
 
     from toolkit import progress
-    from toolkit.tuning import run_search
+    from toolkit.tuner import run_search
 
     reporter = progress.make_reporter(cfg)
     with reporter:

@@ -60,7 +60,8 @@ from keras_tuner.src.distribute import oracle_chief, oracle_client
 from keras_tuner.src.engine import oracle as oracle_module
 from keras_tuner.src.engine import trial as trial_module
 
-from toolkit import progress, tracking, tuning
+from toolkit import progress, tracking
+from toolkit import tuner as tuning
 from toolkit.config import ConfigError, ExperimentConfig
 
 log = logging.getLogger(__name__)
@@ -595,7 +596,7 @@ def run_chief(
         bind: Where the oracle listens (port 0: a free port).
         fresh: Start a new search instead of resuming. Defaults to False.
         uri: The tracking URI. Defaults to :func:`toolkit.tracking.tracking_uri`.
-        workdir: KerasTuner's project folder. Defaults to :func:`toolkit.tuning.project_dir`.
+        workdir: KerasTuner's project folder. Defaults to :func:`toolkit.tuner.project_dir`.
         on_trial: Called with each trial that reached its final status.
         workers: Local workers (already started) to watch. Defaults to none.
 
