@@ -1,167 +1,55 @@
-"""HyperModels that build and compile Keras models from a trial's hyperparameters."""
+"""The model registry: a family name → a ``kt.HyperModel`` for a card and its dataset.
+
+Exports :data:`FAMILIES` (family name → HyperModel class), :func:`get` (keras
+``optimizers.get`` style) and :func:`build_hypermodel` (the card's HyperModel), and re-exports
+:class:`~toolkit.models.mlp.MLPHyperModel` and the execution helpers
+:func:`~toolkit.models.execution.auto_steps_per_execution` and
+:func:`~toolkit.models.execution.auto_jit_compile`.
+"""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-import keras
 import keras_tuner as kt
-import numpy as np
 
-from toolkit import space as blocks
-from toolkit.config import SpaceConfig, TrainConfig
-from toolkit.strategy import steps_per_execution_for
+from toolkit.models.execution import auto_jit_compile, auto_steps_per_execution
+from toolkit.models.mlp import MLPHyperModel, _initializer
+
+__all__ = [
+    "FAMILIES",
+    "MLPHyperModel",
+    "auto_jit_compile",
+    "auto_steps_per_execution",
+    "build_hypermodel",
+    "get",
+    # Private helpers that other modules reach through the package.
+    "_initializer",
+]
+
+# Each family's class builds itself from a card and its dataset with ``from_card``.
+FAMILIES: dict[str, type[kt.HyperModel]] = {"mlp": MLPHyperModel}
 
 
-def auto_steps_per_execution(n_train: int, batch_size: int, setting: int | str = "auto") -> int:
-    """Steps run per ``tf.function`` call.
-
-    Small models are bound by per-step Python and dispatch overhead, so running several steps per
-    call is faster and changes no update: the same batches meet the same weights in the same order.
+def get(family_or_builder: str, cfg: Any, dataset: Any) -> kt.HyperModel:
+    """The HyperModel of a model family, for a card and its resolved dataset.
 
     Args:
-        n_train: Training samples.
-        batch_size: The global batch.
-        setting: The card's value: an int, or ``"auto"``. Defaults to ``"auto"``.
+        family_or_builder: A family name, one of :data:`FAMILIES`.
+        cfg: The validated card.
+        dataset: The loaded dataset.
 
     Returns:
-        The number of steps per execution.
+        The family's HyperModel, built from the card's space and training section and the data.
+
+    Raises:
+        ValueError: For an unknown family name.
     """
-    if setting != "auto":
-        return int(setting)
-    steps = max(1, math.ceil(n_train / batch_size))
-    # One call per epoch at most; 32 keeps per-epoch callbacks and the last partial batch cheap.
-    return max(1, min(32, steps))
-
-
-def auto_jit_compile(params_estimate: int, setting: bool | str = "auto") -> bool:
-    """XLA pays off only for compute-bound models; on tiny ones it costs compile time."""
-    if setting != "auto":
-        return bool(setting)
-    return params_estimate >= 1_000_000
-
-
-class MLPHyperModel(kt.HyperModel):
-    """A multilayer perceptron over flattened inputs, standardized inside the model.
-
-    Args:
-        space: The card's search space.
-        input_shape: The shape of one sample.
-        task: ``"classification"`` or ``"regression"``.
-        n_classes: The number of classes (classification only). Defaults to 0.
-        mean: Per-feature means of the training split, for the ``Normalization`` layer.
-        variance: Per-feature variances of the training split.
-        train: The card's training section. Defaults to ``TrainConfig()``.
-        n_train: Training samples, used to choose ``steps_per_execution``. Defaults to 1000.
-        target_stats: Training targets' mean and standard deviation (regression). Defaults to (0, 1).
-    """
-
-    def __init__(
-        self,
-        space: SpaceConfig,
-        input_shape: tuple[int, ...],
-        task: str,
-        n_classes: int = 0,
-        mean: np.ndarray | None = None,
-        variance: np.ndarray | None = None,
-        train: TrainConfig | None = None,
-        n_train: int = 1000,
-        target_stats: tuple[float, float] = (0.0, 1.0),
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.space = space
-        self.input_shape = tuple(input_shape)
-        self.task = task
-        self.n_classes = n_classes
-        self.mean = mean
-        self.variance = variance
-        self.train = train or TrainConfig()
-        self.n_train = n_train
-        self.target_stats = target_stats
-
-    def build(self, hp: kt.HyperParameters) -> keras.Model:
-        # The card's precision policy holds for this build only. KerasTuner calls
-        # keras.backend.clear_session() before every build, which resets Keras' global policy, so a
-        # policy set once per search would silently train float32 models; and restoring it keeps
-        # it from leaking into later code in the same process. Layers keep the policy they were
-        # built with, and compile() wraps the optimizer in a LossScaleOptimizer for mixed_float16.
-        previous = keras.mixed_precision.global_policy()
-        keras.mixed_precision.set_global_policy(self.train.precision)
-        try:
-            return self._build_model(hp)
-        finally:
-            keras.mixed_precision.set_global_policy(previous)
-
-    def _build_model(self, hp: kt.HyperParameters) -> keras.Model:
-        n_layers = blocks.depth(hp, self.space)
-        width = blocks.units(hp, self.space)
-        act = blocks.activation(hp, self.space)
-        reg = blocks.regularizer(hp, self.space)
-        rate = blocks.dropout(hp, self.space)
-        optimizer = blocks.optimizer(hp, self.space)
-
-        inputs = keras.Input(shape=self.input_shape, name="features")
-        x = keras.layers.Flatten(name="flatten")(inputs) if len(self.input_shape) > 1 else inputs
-        if self.mean is not None:
-            # Training-split statistics only: a logged model then serves raw inputs and
-            # validation data never leaks into the scaling.
-            x = keras.layers.Normalization(mean=self.mean, variance=np.maximum(self.variance, 1e-12), name="standardize")(x)
-        for i in range(n_layers):
-            x = keras.layers.Dense(
-                width,
-                activation=blocks.activation_fn(act),
-                kernel_regularizer=reg,
-                kernel_initializer=_initializer(act),
-                name=f"dense_{i}",
-            )(x)
-            if rate > 0:
-                x = keras.layers.Dropout(rate, name=f"dropout_{i}")(x)
-        # The output layer stays float32 under mixed precision for a stable softmax and loss.
-        if self.task == "classification":
-            outputs = keras.layers.Dense(self.n_classes, activation="softmax", dtype="float32", name="output")(x)
-            loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]
-        else:
-            dense = keras.layers.Dense(1, dtype="float32", name="output_dense")(x)
-            # The network predicts a standardized target and this layer puts it back in the
-            # data's units (training statistics only), so a target in the hundreds starts at
-            # its mean and trains as fast as one near zero, and the model serves raw units.
-            mean, std = self.target_stats
-            rescaled = keras.layers.Rescaling(scale=std, offset=mean, dtype="float32", name="unstandardize")(dense)
-            outputs = keras.layers.Reshape((), dtype="float32", name="output")(rescaled)
-            loss, metrics = "mse", ["mae"]
-        model = keras.Model(inputs, outputs, name="mlp")
-        n_params = model.count_params()
-        model.compile(
-            optimizer=optimizer,
-            loss=loss,
-            metrics=metrics,
-            # KerasTuner builds inside the strategy's scope, which decides how many steps can run per call.
-            steps_per_execution=steps_per_execution_for(
-                auto_steps_per_execution(self.n_train, self.train.batch_size, self.train.steps_per_execution)
-            ),
-            jit_compile=auto_jit_compile(n_params, self.train.jit_compile),
-        )
-        return model
-
-
-def _initializer(activation: str) -> str:
-    # He initialization suits the ReLU family; Glorot suits saturating and linear units.
-    return "he_normal" if activation in ("relu", "elu", "leaky_relu", "gelu", "swish") else "glorot_uniform"
+    if not isinstance(family_or_builder, str) or family_or_builder not in FAMILIES:
+        raise ValueError(f"Unknown model family. Received: family={family_or_builder!r}. Accepted: {', '.join(FAMILIES)}")
+    return FAMILIES[family_or_builder].from_card(cfg, dataset)
 
 
 def build_hypermodel(cfg: Any, dataset: Any) -> MLPHyperModel:
-    """The HyperModel for a card and its resolved dataset."""
-    mean, variance = dataset.feature_stats()
-    return MLPHyperModel(
-        cfg.space,
-        dataset.input_shape,
-        dataset.task,
-        n_classes=dataset.n_classes,
-        mean=mean,
-        variance=variance,
-        train=cfg.train,
-        n_train=len(dataset.x_train),
-        target_stats=dataset.target_stats() if dataset.task == "regression" else (0.0, 1.0),
-    )
+    """The HyperModel for a card and its resolved dataset (the ``mlp`` family)."""
+    return get("mlp", cfg, dataset)

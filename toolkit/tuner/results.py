@@ -1,0 +1,191 @@
+"""Trial and search results: what a trial produced, read from Keras histories, the oracle or MLflow."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from toolkit.config import ExperimentConfig, objective_direction
+
+if TYPE_CHECKING:
+    from toolkit import tracking
+
+# KerasTuner's trial status → the MLflow run status it ends with.
+STATUS = {"COMPLETED": "FINISHED", "FAILED": "FAILED", "INVALID": "FAILED", "STOPPED": "KILLED"}
+
+
+@dataclass
+class TrialResult:
+    """One finished trial, as reported to progress callbacks and kept in the summary."""
+
+    trial_id: str
+    status: str  # MLflow status: FINISHED, FAILED or KILLED
+    hyperparameters: dict[str, Any]
+    metrics: dict[str, float]
+    best_epoch: int | None
+    seconds: float
+    failure: str | None = None
+    run_id: str | None = None
+
+
+@dataclass
+class SearchResult:
+    """What a search produced."""
+
+    name: str
+    objective: str
+    direction: str
+    parent_run_id: str
+    experiment_id: str
+    trials: list[TrialResult] = field(default_factory=list)
+    best: TrialResult | None = None
+    seconds: float = 0.0
+    resumed: bool = False
+    stopped_reason: str | None = None
+    model_uri: str | None = None
+
+
+def _nan_epoch(history: Any) -> int | None:
+    for values in getattr(history, "history", {}).values():
+        for epoch, value in enumerate(values):
+            if not math.isfinite(float(value)):
+                return epoch
+    return None
+
+
+def _history_metrics(histories: list[Any] | None, objective: str, direction: str) -> tuple[dict[str, float], int | None]:
+    """Final and best value of every Keras metric, and the objective's best epoch.
+
+    With several executions per trial, each epoch's values are averaged across executions
+    (as KerasTuner averages their scores).
+
+    Returns:
+        ``({"val_loss": final, "best_val_loss": best, ...}, best_epoch)``.
+    """
+    curves: dict[str, list[list[float]]] = {}
+    for history in histories or []:
+        for name, values in getattr(history, "history", {}).items():
+            curves.setdefault(name, []).append([float(v) for v in values])
+    metrics: dict[str, float] = {}
+    best_epoch = None
+    for name, runs in curves.items():
+        epochs = min(len(r) for r in runs)
+        if epochs == 0:
+            continue
+        mean = np.mean([r[:epochs] for r in runs], axis=0)
+        metrics[name] = float(mean[-1])
+        finite = np.where(np.isfinite(mean), mean, np.nan)
+        if np.all(np.isnan(finite)):
+            metrics[f"best_{name}"] = float("nan")
+            continue
+        lower = (direction if name == objective else objective_direction(name)) == "min"
+        index = int(np.nanargmin(finite) if lower else np.nanargmax(finite))
+        metrics[f"best_{name}"] = float(finite[index])
+        if name == objective:
+            best_epoch = index
+    return metrics, best_epoch
+
+
+def _failure_reason(message: str | None) -> str:
+    if not message:
+        return "the trial failed"
+    lines = [line for line in message.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "the trial failed"
+
+
+def _trial_metrics(trial: Any, objective: str) -> tuple[dict[str, float], int | None]:
+    metrics = {}
+    best_epoch = None
+    for name, history in trial.metrics.metrics.items():
+        observations = history.get_history()
+        if observations:
+            metrics[name] = float(np.mean(observations[-1].value))
+    best = trial.metrics.metrics.get(objective)
+    if best is not None:
+        best_value = best.get_best_value()
+        if best_value is not None:
+            metrics[f"best_{objective}"] = float(best_value)
+        for obs in best.get_history():
+            if best_value is not None and float(np.mean(obs.value)) == best_value:
+                best_epoch = int(obs.step)
+    return metrics, best_epoch
+
+
+def trials_rows(trials: list[TrialResult]) -> list[dict[str, Any]]:
+    """``trials.csv``: one row per trial with its hyperparameters, final and best metrics."""
+    metric_names: dict[str, None] = {}
+    hp_names: dict[str, None] = {}
+    for t in trials:
+        hp_names.update(dict.fromkeys(t.hyperparameters))
+        metric_names.update(dict.fromkeys(k for k in t.metrics if not k.startswith("best_") and f"best_{k}" in t.metrics))
+    rows = []
+    for t in trials:
+        row: dict[str, Any] = {"trial_id": t.trial_id, "status": t.status}
+        row.update({name: t.hyperparameters.get(name, "") for name in hp_names})
+        row.update({f"final_{name}": t.metrics.get(name, "") for name in metric_names})
+        row.update({f"best_{name}": t.metrics.get(f"best_{name}", "") for name in metric_names})
+        row.update(
+            {
+                "best_epoch": "" if t.best_epoch is None else t.best_epoch,
+                "seconds": round(t.seconds, 3),
+                "failure": t.failure or "",
+                "run_id": t.run_id or "",
+            }
+        )
+        rows.append(row)
+    return rows
+
+
+def _all_trials(tuner: Any, tracker: tracking.SearchTracker) -> list[TrialResult]:
+    """One result per trial, including those an earlier (interrupted) process finished.
+
+    A trial can have several runs: a KILLED one from an interrupted process, FAILED attempts
+    that KerasTuner retried. The FINISHED run counts, else the latest FAILED one.
+    """
+    latest: dict[str, Any] = {}
+    for run in tracker.trial_runs():
+        tid = run.data.tags.get("toolkit.trial_id")
+        if tid is None or run.info.status not in ("FINISHED", "FAILED"):
+            continue
+        rank = (run.info.status == "FINISHED", run.info.start_time or 0)
+        if tid not in latest or rank > (latest[tid].info.status == "FINISHED", latest[tid].info.start_time or 0):
+            latest[tid] = run
+    by_id = {tid: _result_from_run(run, tuner) for tid, run in latest.items()}
+    # This process's own results carry the Keras histories; the latest attempt wins.
+    by_id.update({r.trial_id: r for r in tuner.results})
+    return sorted(by_id.values(), key=lambda r: (len(r.trial_id), r.trial_id))
+
+
+def _result_from_run(run: Any, tuner: Any) -> TrialResult:
+    tid = run.data.tags["toolkit.trial_id"]
+    data = run.data.metrics
+    # Final values are the latest per-epoch ones; the best_* summaries were logged at trial end.
+    metrics = {k: float(v) for k, v in data.items() if k.startswith("best_") or f"best_{k}" in data}
+    trials = getattr(tuner.oracle, "trials", {})
+    trial = trials.get(tid) if isinstance(trials, dict) else None
+    hps = dict(trial.hyperparameters.values) if trial is not None else dict(run.data.params)
+    seconds = data.get("trial_seconds")
+    if seconds is None:
+        seconds = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else 0.0
+    best_epoch = int(data["best_epoch"]) if "best_epoch" in data else None
+    return TrialResult(
+        tid, run.info.status, hps, metrics, best_epoch, float(seconds), run.data.tags.get("toolkit.failure"), run.info.run_id
+    )
+
+
+def _best(trials: list[TrialResult], cfg: ExperimentConfig, tuner: Any = None) -> TrialResult | None:
+    """The best FINISHED trial, as KerasTuner's oracle ranks it (so it matches get_best_models)."""
+    finished = {t.trial_id: t for t in trials if t.status == "FINISHED"}
+    if tuner is not None:
+        for trial in tuner.oracle.get_best_trials(1):
+            if trial.trial_id in finished:
+                return finished[trial.trial_id]
+    key = f"best_{cfg.objective}"
+    scored = [t for t in finished.values() if math.isfinite(t.metrics.get(key, float("nan")))]
+    if not scored:
+        return None
+    pick = min if cfg.direction == "min" else max
+    return pick(scored, key=lambda t: t.metrics[key])

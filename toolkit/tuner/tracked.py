@@ -1,0 +1,238 @@
+"""The tracked KerasTuner tuner: MLflow runs through the trial hooks, and checkpoint pruning."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import keras
+import keras_tuner as kt
+from keras_tuner.src import config as kt_config
+
+from toolkit import tracking
+from toolkit.config import ConfigError, ExperimentConfig
+from toolkit.data import Dataset
+from toolkit.models import build_hypermodel
+from toolkit.strategy import StrategyInfo
+from toolkit.tuner.callbacks import EpochLogger, QuietTerminateOnNaN
+from toolkit.tuner.results import STATUS, TrialResult, _failure_reason, _history_metrics, _nan_epoch, _trial_metrics
+
+log = logging.getLogger(__name__)
+
+
+class TrackedTunerMixin:
+    """Adds MLflow tracking to a KerasTuner tuner through its trial hooks.
+
+    ``on_trial_begin`` opens a nested run, ``run_trial`` adds the per-epoch logger and turns a
+    NaN loss into a failed trial, ``on_trial_end`` closes the run with the trial's status.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        tracker: tracking.SearchTracker,
+        strategy_info: StrategyInfo,
+        dataset: Dataset,
+        card: ExperimentConfig,
+        on_trial: Callable[[TrialResult], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.tracker = tracker
+        self.strategy_info = strategy_info
+        self.dataset = dataset
+        self.card = card
+        self.on_trial = on_trial
+        self.results: list[TrialResult] = []
+        self._runs: dict[str, str] = {}
+        self._started: dict[str, float] = {}
+        self._histories: dict[str, list[Any]] = {}
+        super().__init__(*args, **kwargs)
+
+    def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
+        super().on_trial_begin(trial)
+        tags = {
+            **self.strategy_info.tags(),
+            "toolkit.batch_size_per_replica": str(self.strategy_info.per_replica_batch(self.card.train.batch_size)),
+            "toolkit.worker": self.tuner_id,
+        }
+        run_id = self.tracker.start_trial(trial.trial_id, trial.hyperparameters.values, tags)
+        self.tracker.log_datasets(run_id, self.dataset, ("training", "validation"))
+        self._runs[trial.trial_id] = run_id
+        self._started[trial.trial_id] = time.perf_counter()
+
+    def run_trial(self, trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> Any:
+        run_id = self._runs[trial.trial_id]
+        kwargs["callbacks"] = [
+            *kwargs.get("callbacks", []),
+            QuietTerminateOnNaN(),
+            EpochLogger(self.tracker.uri, run_id),
+        ]
+        if self.card.train.diagnostics:
+            from toolkit.diagnostics import DiagnosticsCallback
+
+            kwargs["callbacks"].append(DiagnosticsCallback.from_dataset(self.dataset, self.tracker.uri, run_id))
+        histories = super().run_trial(trial, *args, **kwargs)
+        self._histories[trial.trial_id] = histories if isinstance(histories, list) else [histories]
+        for history in histories if isinstance(histories, list) else [histories]:
+            epoch = _nan_epoch(history)
+            if epoch is not None:
+                raise kt.errors.FailedTrialError(f"the loss became NaN or infinite at epoch {epoch} (learning rate too high?)")
+        return histories
+
+    def on_trial_end(self, trial: kt.engine.trial.Trial) -> None:
+        run_id = self._runs.pop(trial.trial_id)
+        seconds = time.perf_counter() - self._started.pop(trial.trial_id)
+        histories = self._histories.pop(trial.trial_id, None)
+        stop: RuntimeError | None = None
+        try:
+            # The oracle records the trial first. If the process dies (or is interrupted) before
+            # the run is closed, the run stays open: run_search's cleanup or the next resume
+            # closes it by the oracle's word, so a finished trial is never rerun and no trial is
+            # FINISHED twice.
+            super().on_trial_end(trial)
+        except RuntimeError as exc:
+            # KerasTuner stops the search after too many consecutive failures, once it has
+            # counted this (failed) trial: close its run, then let run_search record the stop.
+            if "consecutive failures" not in str(exc):
+                raise
+            stop = exc
+        status = STATUS.get(trial.status, "FAILED")
+        failure = None
+        if status != "FINISHED":
+            failure = _failure_reason(trial.message)
+            if trial.status == "INVALID":
+                # KerasTuner queued it for another attempt (tuner.max_retries_per_trial).
+                failure += " (the trial is retried)"
+        objective = self.oracle.objective
+        metrics, best_epoch = _history_metrics(histories, objective.name, objective.direction)
+        if not metrics:
+            metrics, best_epoch = _trial_metrics(trial, objective.name)
+        summary = {k: v for k, v in metrics.items() if k.startswith("best_")}
+        summary["trial_seconds"] = seconds
+        if best_epoch is not None:
+            summary["best_epoch"] = best_epoch
+        self.tracker.end_trial(run_id, status, failure=failure, metrics=summary, details=trial.message if failure else None)
+        result = TrialResult(
+            trial.trial_id, status, dict(trial.hyperparameters.values), metrics, best_epoch, seconds, failure, run_id
+        )
+        self.results.append(result)
+        self._prune_checkpoints()
+        # Free the trial's graphs: KerasTuner searches otherwise grow in memory.
+        keras.backend.clear_session(free_memory=False)
+        gc.collect()
+        if self.on_trial:
+            self.on_trial(result)
+        if stop is not None:
+            raise stop
+
+    def _prune_checkpoints(self) -> None:
+        """Delete the checkpoints of this process's trials that are not the best so far.
+
+        KerasTuner keeps one per trial and never deletes any (keras-team/keras-tuner#172).
+        Only the best is needed, for the best model. Hyperband is left alone until the search
+        ends: its later rounds load earlier trials' weights.
+        """
+        if isinstance(self, kt.Hyperband):
+            return
+        best = {t.trial_id for t in self.oracle.get_best_trials(1)}
+        for result in self.results:
+            if result.trial_id not in best:
+                _remove_checkpoint(self._get_checkpoint_fname(result.trial_id))
+
+
+def _remove_checkpoint(path: str | Path) -> None:
+    # TF-format checkpoints are a prefix with several files; Keras 3 writes one .weights.h5 file.
+    for candidate in Path(path).parent.glob(Path(path).name + "*"):
+        candidate.unlink(missing_ok=True)
+
+
+def prune_checkpoints(directory: Path, keep: set[str]) -> int:
+    """Delete every trial checkpoint under a KerasTuner project except those of ``keep``.
+
+    Args:
+        directory: The project folder (``<store>/tuner/<name>``).
+        keep: Trial ids whose checkpoints stay (the best trial's).
+
+    Returns:
+        The number of files removed.
+    """
+    removed = 0
+    for trial_dir in directory.glob("trial_*"):
+        if trial_dir.name[len("trial_") :] in keep:
+            continue
+        for checkpoint in trial_dir.glob("checkpoint*"):
+            checkpoint.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+_TUNERS = {"random": kt.RandomSearch, "grid": kt.GridSearch, "bayesian": kt.BayesianOptimization, "hyperband": kt.Hyperband}
+
+
+_TRACKED: dict[str, type] = {}
+
+
+def tuner_class(algorithm: str) -> type:
+    """The tracked tuner class for an algorithm name."""
+    if algorithm not in _TUNERS:
+        raise ConfigError(f"tuner.algorithm: unknown {algorithm!r}. Accepted: {', '.join(_TUNERS)}", field="tuner.algorithm")
+    if algorithm not in _TRACKED:
+        base = _TUNERS[algorithm]
+        _TRACKED[algorithm] = type(f"Tracked{base.__name__}", (TrackedTunerMixin, base), {})
+    return _TRACKED[algorithm]
+
+
+def make_tuner(
+    cfg: ExperimentConfig, hypermodel: kt.HyperModel, directory: Path, project_name: str, overwrite: bool, **tracked: Any
+) -> kt.Tuner:
+    """Build the card's KerasTuner tuner, seeded, with the objective's direction inferred."""
+    objective = kt.Objective(cfg.objective, direction=cfg.direction)
+    common = dict(
+        hypermodel=hypermodel,
+        objective=objective,
+        seed=cfg.seed,
+        directory=str(directory),
+        project_name=project_name,
+        overwrite=overwrite,
+        max_retries_per_trial=cfg.tuner.max_retries_per_trial,
+        max_consecutive_failed_trials=cfg.tuner.max_consecutive_failed_trials,
+        distribution_strategy=tracked["strategy_info"].strategy,
+        executions_per_trial=cfg.tuner.executions_per_trial,
+    )
+    # KerasTuner prints every failed trial's traceback (its DEBUG defaults to True). The
+    # traceback goes to the trial's run as failure.txt instead, and the reason to its tag.
+    kt_config.DEBUG = log.isEnabledFor(logging.DEBUG)
+    cls = tuner_class(cfg.tuner.algorithm)
+    if cfg.tuner.algorithm == "hyperband":
+        return cls(max_epochs=cfg.train.epochs, factor=cfg.tuner.factor, **common, **tracked)
+    return cls(max_trials=cfg.tuner.max_trials, **common, **tracked)
+
+
+def tracked_tuner(
+    cfg: ExperimentConfig,
+    dataset: Dataset,
+    info: StrategyInfo,
+    tracker: tracking.SearchTracker,
+    workdir: Path,
+    on_trial: Callable[[TrialResult], None] | None = None,
+) -> kt.Tuner:
+    """The card's tracked tuner over its HyperModel, resuming the project in ``workdir``.
+
+    The same in one process, in a distributed chief and in every worker.
+    """
+    return make_tuner(
+        cfg,
+        build_hypermodel(cfg, dataset),
+        workdir.parent,
+        workdir.name,
+        overwrite=False,
+        tracker=tracker,
+        strategy_info=info,
+        dataset=dataset,
+        card=cfg,
+        on_trial=on_trial,
+    )
