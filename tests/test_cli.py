@@ -66,3 +66,16 @@ def test_help_is_fast_and_lists_commands():
     assert proc.returncode == 0
     for command in ("tune", "validate", "datasets", "report"):
         assert command in proc.stdout
+
+
+def test_validate_refuses_a_card_whose_data_file_does_not_exist(tmp_path):
+    card = tmp_path / "card.yaml"
+    card.write_text(f"name: nodata\ndata: {{source: {tmp_path / 'nope.csv'}, target: label}}\n")
+    store = tmp_path / "store"
+    store.mkdir()
+    proc = toolkit("validate", str(card), env={"MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: data.source: file not found: ") and "nope.csv" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stdout == ""  # nothing printed as if the card were valid
+    assert no_runs_created(store)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +195,66 @@ def test_config_imports_no_tensorflow():
 def test_every_shipped_card_validates(path: Path):
     cfg = load_config(str(path))
     assert cfg.name == path.stem
+
+
+# YAML reads `true` as a boolean, and pydantic would take it as 1: `epochs: true` trained one epoch.
+BOOLEANS_FOR_NUMBERS = [
+    ("train.epochs", r"train\.epochs: must be an integer in \[1, 100000\], not true/false\. Received: true"),
+    ("seed", r"seed: must be an integer in \[0, 2147483647\], not true/false\. Received: true"),
+    ("tuner.max_trials", r"tuner\.max_trials: must be an integer in \[1, 100000\], not true/false\. Received: true"),
+    ("tuner.executions_per_trial", r"tuner\.executions_per_trial: must be an integer in \[1, 100\], not true/false"),
+    ("tuner.factor", r"tuner\.factor: must be an integer in \[2, 100\], not true/false"),
+    ("tuner.max_consecutive_failed_trials", r"tuner\.max_consecutive_failed_trials: must be an integer"),
+    ("tuner.max_retries_per_trial", r"tuner\.max_retries_per_trial: must be an integer in \[0, 100\], not true/false"),
+    ("train.batch_size", r"train\.batch_size: must be an integer in \[1, 1000000\], not true/false"),
+    ("train.steps_per_execution", r"train\.steps_per_execution: must be an integer or 'auto', not true/false"),
+    ("train.early_stopping", r"train\.early_stopping: must be an integer in \[0, 100000\], not true/false"),
+    ("strategy.replicas", r"strategy\.replicas: must be an integer in \[1, 64\], not true/false"),
+    ("data.validation_split", r"data\.validation_split: must be a number in \(0, 1\), not true/false\. Received: true"),
+    ("data.test_split", r"data\.test_split: must be a number in \[0, 1\), not true/false"),
+]
+
+
+def nested(dotted: str, value) -> dict:
+    """``"a.b", 1`` → ``{"a": {"b": 1}}``."""
+    *parents, leaf = dotted.split(".")
+    section = {leaf: value}
+    for part in reversed(parents):
+        section = {part: section}
+    return section
+
+
+@pytest.mark.parametrize("dotted, message", BOOLEANS_FOR_NUMBERS, ids=[d for d, _ in BOOLEANS_FOR_NUMBERS])
+def test_a_boolean_where_a_number_belongs_is_refused_in_the_card(dotted, message):
+    with pytest.raises(ConfigError, match=message):
+        validate({**card(), **nested(dotted, True)})
+
+
+@pytest.mark.parametrize("dotted", ["train.epochs", "seed", "tuner.max_trials"])
+def test_a_boolean_where_a_number_belongs_is_refused_from_set(tmp_path, dotted):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {source: iris}\n")
+    with pytest.raises(ConfigError, match=re.escape(dotted) + r": must be an integer .*not true/false\. Received: false"):
+        load_config(str(path), [f"{dotted}=false"])
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"source": "spirals", "n_classes": True}, r"data\.n_classes: must be an integer in \[2, 1000\], not true/false"),
+        ({"source": "spirals", "n_samples": True}, r"data\.n_samples: must be an integer in \[4, 10000000\], not true/false"),
+        ({"source": "friedman", "n_features": True}, r"data\.n_features: must be an integer in \[1, 100000\], not true/false"),
+        ({"source": "spirals", "noise": True}, r"data\.noise: must be a number in \[0, 100\], not true/false"),
+    ],
+)
+def test_a_boolean_for_a_generator_option_is_refused(data, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(card(data=data))
+
+
+def test_a_boolean_range_bound_is_refused_and_real_booleans_still_work():
+    with pytest.raises(ConfigError, match=r"space\.depth\.min: must be a number, not true/false\. Received: true"):
+        validate(card(space={"depth": {"min": True, "max": 3}}))
+    cfg = validate(card(train={"jit_compile": True, "diagnostics": False}, tracking={"log_model": False}))
+    assert cfg.train.jit_compile is True and cfg.train.diagnostics is False and cfg.tracking.log_model is False
+    assert validate(card(train={"epochs": 3.0})).train.epochs == 3  # a whole float is still an integer

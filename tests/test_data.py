@@ -10,6 +10,7 @@ import gzip
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from toolkit.config import ConfigError, DataConfig, validate
 from toolkit.data import (
     DataError,
     DatasetUnavailable,
+    check_source,
     describe_sources,
     keras_cache_dir,
     load_dataset,
@@ -213,6 +215,15 @@ def error_cases(tmp: Path) -> dict[str, tuple[dict, str]]:
     rare = ok.copy()
     rare.loc[7, "label"] = "fish"
     write_csv(tmp / "rare.csv", rare)
+    write_csv(tmp / "one_class.csv", ok.assign(label="cat"))
+    write_csv(tmp / "constant.csv", ok.assign(label=2.5))
+    # One stray word in a column of numbers: pandas reads the whole column as text.
+    stray = ok.astype({"b": object})
+    stray.loc[6, "b"] = "1,5"
+    write_csv(tmp / "stray.csv", stray)
+    (tmp / "dup.csv").write_text("a,b,a,label\n" + "".join(f"{i},{i % 5},{i % 7},{'xy'[i % 2]}\n" for i in range(40)))
+    (tmp / "text.npz").write_text("x,y\n1,2\n")
+    (tmp / "folder.csv").mkdir()
     return {
         "missing file": ({"source": str(tmp / "nope.csv"), "target": "label"}, r"data\.source: file not found: '.*nope\.csv'"),
         "missing target column": (
@@ -225,7 +236,7 @@ def error_cases(tmp: Path) -> dict[str, tuple[dict, str]]:
         ),
         "non-numeric feature": (
             {"source": str(tmp / "text.csv"), "target": "label"},
-            r"text\.csv: feature column 'colour' is not numeric \(e\.g\. 'red'\)\. Encode it as numbers, or leave it out with data\.features",
+            r"text\.csv: feature column 'colour' is not numeric: line 2 holds 'red'\. Encode it as numbers, or leave it out with data\.features",
         ),
         "NaNs": (
             {"source": str(tmp / "nan.csv"), "target": "label"},
@@ -239,13 +250,53 @@ def error_cases(tmp: Path) -> dict[str, tuple[dict, str]]:
             {"source": str(tmp / "rare.csv"), "target": "label"},
             r"rare\.csv: class 'fish' has only 1 sample\(s\); a stratified split needs at least 2 per class",
         ),
+        "single class": (
+            {"source": str(tmp / "one_class.csv"), "target": "label"},
+            r"one_class\.csv: target column 'label' has a single class \('cat' in all 60 rows\); "
+            r"classification needs at least 2 classes",
+        ),
+        "constant target": (
+            {"source": str(tmp / "constant.csv"), "target": "label"},
+            r"constant\.csv: target column 'label' is constant \(2\.5 in all 60 rows\), so there is nothing to learn; "
+            r"a regression target must take at least two values",
+        ),
+        "bad cell": (
+            {"source": str(tmp / "stray.csv"), "target": "label"},
+            r"stray\.csv: feature column 'b' is not numeric: line 8 holds '1,5'\. Encode it as numbers",
+        ),
+        "duplicate columns": (
+            {"source": str(tmp / "dup.csv"), "target": "label"},
+            r"dup\.csv: column 'a' appears twice in the header \(columns 1 and 3\); give each column a unique name",
+        ),
+        "not a zip": (
+            {"source": str(tmp / "text.npz")},
+            r"text\.npz: not a valid \.npz \(zip\) file; write one with numpy\.savez\(path, x=features, y=targets\)",
+        ),
+        "directory": (
+            {"source": str(tmp / "folder.csv"), "target": "label"},
+            r"data\.source: '.*folder\.csv' is a directory, not a file \(looked at .*folder\.csv\); give the path of a \.csv file",
+        ),
     }
 
 
-@pytest.mark.parametrize(
-    "case",
-    ["missing file", "missing target column", "no target given", "non-numeric feature", "NaNs", "empty split", "class too small"],
-)
+ALL_ERROR_CASES = [
+    "missing file",
+    "missing target column",
+    "no target given",
+    "non-numeric feature",
+    "NaNs",
+    "empty split",
+    "class too small",
+    "single class",
+    "constant target",
+    "bad cell",
+    "duplicate columns",
+    "not a zip",
+    "directory",
+]
+
+
+@pytest.mark.parametrize("case", ALL_ERROR_CASES)
 def test_bad_data_states_the_problem(tmp_path, case):
     options, message = error_cases(tmp_path)[case]
     with pytest.raises(DataError, match=message):
@@ -268,7 +319,7 @@ def test_bad_data_states_the_problem(tmp_path, case):
         (
             lambda p: labelled_frame().to_csv(p, index=False),
             {"target": "label", "task": "regression"},
-            r"target column 'label' is not numeric \(e\.g\. 'cat'\), so it cannot be a regression target",
+            r"target column 'label' is not numeric: line 2 holds 'cat', so it cannot be a regression target",
         ),
         (lambda p: p.write_text("a,label\n"), {"target": "label"}, r"the file has a header but no rows"),
         (lambda p: p.write_bytes(b""), {"target": "label"}, r"cannot read the file \(EmptyDataError"),
@@ -298,12 +349,99 @@ def test_more_bad_tables_state_the_problem(tmp_path, make, options, message):
         ({"x": np.zeros((4, 2)), "y": np.zeros(5)}, {}, r"x has 4 rows but y has 5"),
         ({"x": np.array([[1.0, np.nan]] * 10), "y": np.arange(10) % 2}, {}, r"array 'x' has 10 missing \(NaN\) value\(s\)"),
         ({"x": np.zeros((10, 2)), "y": np.zeros((10, 2))}, {}, r"'y' must hold one label or target per sample"),
+        (
+            {"x": np.arange(20.0).reshape(10, 2), "y": np.ones(10, dtype="int64")},
+            {},
+            r"d\.npz: array 'y' has a single class \('1' in all 10 rows\); classification needs at least 2 classes",
+        ),
+        (
+            {"x": np.arange(20.0).reshape(10, 2), "y": np.full(10, -3.0)},
+            {},
+            r"d\.npz: array 'y' is constant \(-3 in all 10 rows\), so there is nothing to learn",
+        ),
     ],
 )
 def test_bad_npz_states_the_problem(tmp_path, arrays, options, message):
     np.savez(tmp_path / "d.npz", **arrays)
     with pytest.raises(DataError, match=message):
         load_dataset(data(tmp_path / "d.npz", **options))
+
+
+def test_a_npy_file_named_npz_is_not_a_zip_and_no_pickle_advice_is_given(tmp_path):
+    np.save(tmp_path / "d.npy", np.zeros((4, 2)))
+    (tmp_path / "d.npy").rename(tmp_path / "d.npz")
+    with pytest.raises(DataError, match=r"d\.npz: not a valid \.npz \(zip\) file") as info:
+        load_dataset(data(tmp_path / "d.npz"))
+    assert "allow_pickle" not in str(info.value)
+
+
+def test_duplicate_parquet_columns_are_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table([[1.0, 2.0], [3.0, 4.0], ["u", "v"]], names=["a", "a", "label"]), tmp_path / "t.parquet")
+    with pytest.raises(DataError, match=r"t\.parquet: column 'a' appears twice in the header"):
+        load_dataset(data(tmp_path / "t.parquet", target="label"))
+
+
+# ---------------------------------------------------------------------------- validate: the header only
+
+HEADER_CASES = ["missing file", "missing target column", "no target given", "duplicate columns", "not a zip", "directory"]
+
+
+@pytest.mark.parametrize("case", HEADER_CASES)
+def test_check_source_gives_the_loaders_message_from_the_header_alone(tmp_path, case):
+    options, message = error_cases(tmp_path)[case]
+    with pytest.raises(DataError, match=message):
+        check_source(DataConfig(**options))
+
+
+@pytest.mark.parametrize(
+    "make, options, message",
+    [
+        (lambda p: np.savez(p, x=np.zeros((4, 2))), {}, r"an \.npz source needs arrays 'x' and 'y'\. Found: x"),
+        (lambda p: p.write_bytes(b""), {}, r"not a valid \.npz \(zip\) file"),
+    ],
+)
+def test_check_source_looks_inside_npz_archives(tmp_path, make, options, message):
+    path = tmp_path / "d.npz"
+    make(path)
+    with pytest.raises(DataError, match=message):
+        check_source(data(path, **options))
+
+
+def test_check_source_passes_good_files_and_builtins_without_reading_rows(tmp_path):
+    write_csv(tmp_path / "ok.csv", labelled_frame())
+    check_source(data(tmp_path / "ok.csv", target="label", features=["a", "b"]))
+    with pytest.raises(DataError, match=r"data\.features column 'zz' not found\. Columns: a, b, c, label"):
+        check_source(data(tmp_path / "ok.csv", target="label", features=["a", "zz"]))
+    # Rows are not read: a bad cell is found by loading, not by validate.
+    write_csv(tmp_path / "cell.csv", labelled_frame().assign(a="text"))
+    check_source(data(tmp_path / "cell.csv", target="label"))
+    labelled_frame().to_parquet(tmp_path / "ok.parquet")
+    check_source(data(tmp_path / "ok.parquet", target="label"))
+    with pytest.raises(DataError, match=r"ok\.parquet: data\.target column 'y' not found"):
+        check_source(data(tmp_path / "ok.parquet", target="y"))
+    np.savez(tmp_path / "ok.npz", x=np.zeros((4, 2)), y=np.arange(4))
+    check_source(data(tmp_path / "ok.npz"))
+    check_source(data("digits"))
+
+
+def test_validate_checks_the_data_file_without_tensorflow_or_mlflow(tmp_path):
+    bad = write_card(tmp_path, {"source": str(tmp_path / "nope.csv"), "target": "label"})
+    write_csv(tmp_path / "ok.csv", labelled_frame())
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({"name": "good", "data": {"source": str(tmp_path / "ok.csv"), "target": "label"}}))
+    code = (
+        "import sys\n"
+        "from toolkit.cli import main\n"
+        f"codes = [main(['validate', {str(bad)!r}]), main(['validate', {str(good)!r}])]\n"
+        "assert codes == [2, 0], codes\n"
+        "assert 'tensorflow' not in sys.modules and 'mlflow' not in sys.modules and 'pandas' not in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^error: data\.source: file not found: '.*nope\.csv'", proc.stderr, re.M), proc.stderr
 
 
 # ---------------------------------------------------------------------------- the CLI: exit codes, no runs
@@ -338,7 +476,8 @@ def runs_in(store: str) -> list:
 
 
 @pytest.mark.parametrize(
-    "case", ["missing file", "missing target column", "non-numeric feature", "NaNs", "empty split", "class too small"]
+    "case",
+    ["missing file", "missing target column", "non-numeric feature", "NaNs", "empty split", "class too small", "single class"],
 )
 def test_bad_data_via_the_cli_exits_2_with_one_line_and_creates_no_run(tmp_path, store, capsys, case):
     from toolkit.cli import main

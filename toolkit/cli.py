@@ -105,8 +105,11 @@ def _interrupt(signum: int, frame: Any) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     import yaml
 
+    from toolkit.data import check_source
+
     cfg = load_config(args.exp, args.overrides)
-    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    check_source(cfg.data)  # the data file and its header: no rows read, no TensorFlow
+    print(_redact(yaml.safe_dump(cfg.to_dict(), sort_keys=False)), end="")
     print(f"# valid: objective {cfg.objective} ({cfg.direction})", file=sys.stderr)
     return EXIT_OK
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -46,6 +46,12 @@ SYNTHETIC_DATASETS = ("spirals", "moons", "circles", "xor", "friedman")
 KERAS_DATASETS = ("mnist", "fashion_mnist", "cifar10")
 DATASETS = SHIPPED_DATASETS + SYNTHETIC_DATASETS + KERAS_DATASETS
 FILE_SUFFIXES = (".csv", ".npz", ".parquet")
+# Shipped model families (toolkit.models.FAMILIES holds their classes). A card may instead name
+# the user's own builder (model.builder).
+MODEL_FAMILIES = ("mlp",)
+# The space entries only the MLP reads. The others (optimizer, learning_rate, momentum, l1, l2)
+# also compile a user's uncompiled model; these would be silently ignored by a custom builder.
+MLP_ONLY_SPACE = ("depth", "units", "activation", "dropout")
 # The data options each source reads (data.py holds the loaders). Any other one set in a card
 # is an error: a setting that is silently ignored looks as if it worked.
 SOURCE_OPTIONS = {
@@ -78,6 +84,42 @@ class ConfigError(Exception):
 class _Section(BaseModel):
     # A typo in a card must never be silently ignored.
     model_config = ConfigDict(extra="forbid", frozen=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # Pydantic takes YAML's `true` as 1 where a number belongs: `epochs: true` would train
+        # for one epoch. Every numeric field of every section refuses booleans, unless its type
+        # admits a bool itself (the space's scalars, `jit_compile`).
+        if not isinstance(value, bool) or info.field_name is None:
+            return value
+        field = cls.model_fields[info.field_name]
+        types = _leaf_types(field.annotation)
+        if bool in types or not types & {int, float}:
+            return value
+        kind = "an integer" if int in types and float not in types else "a number"
+        words = "".join(f" or {t!r}" for t in sorted(t for t in types if isinstance(t, str)))  # Literal["auto"]
+        raise ValueError(f"must be {kind}{_bounds(field.metadata)}{words}, not true/false. Received: {str(value).lower()}")
+
+
+def _leaf_types(annotation: Any) -> set[Any]:
+    """Every type a (possibly nested, union or Literal) annotation is made of."""
+    args = get_args(annotation)
+    if not args:
+        return {annotation}
+    return set().union(*(_leaf_types(a) for a in args))
+
+
+def _bounds(metadata: list[Any]) -> str:
+    """A field's ``Field(ge=..., le=...)`` limits in words: `` in [1, 100000]``."""
+
+    def limit(name: str) -> str | None:
+        value = next((getattr(m, name) for m in metadata if getattr(m, name, None) is not None), None)
+        return None if value is None else str(value) if isinstance(value, int) else f"{value:g}"
+
+    low = f"[{limit('ge')}" if limit("ge") else f"({limit('gt')}" if limit("gt") else None
+    high = f"{limit('le')}]" if limit("le") else f"{limit('lt')})" if limit("lt") else None
+    return f" in {low}, {high}" if low and high else ""
 
 
 class Range(_Section):
@@ -295,6 +337,44 @@ class TrackingConfig(_Section):
     report: bool = True
 
 
+class ModelConfig(_Section):
+    """Which model the trials train: a shipped family, or the user's own builder."""
+
+    family: str = "mlp"
+    # "path/to/file.py:build" or "package.module:build": a build(hp) function, a kt.HyperModel
+    # subclass or an instance. A relative file is looked up in the card's folder, then the cwd.
+    builder: str | None = None
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        if value not in MODEL_FAMILIES:
+            raise ValueError(f"unknown model family {value!r}. Accepted: {', '.join(MODEL_FAMILIES)}")
+        return value
+
+    @field_validator("builder")
+    @classmethod
+    def _reference(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_builder_reference(value)
+        return value
+
+
+def split_builder_reference(reference: str) -> tuple[str, str]:
+    """``"file.py:build"`` or ``"pkg.mod:build"`` → (where, name).
+
+    Raises:
+        ValueError: When the reference lacks ``:name`` or the name is not an identifier.
+    """
+    where, sep, name = reference.rpartition(":")
+    if not sep or not where or not name.isidentifier():
+        raise ValueError(
+            f"must be 'path/to/file.py:build' or 'package.module:build' (a file or module, then ':' and a name). "
+            f"Received: {reference!r}"
+        )
+    return where, name
+
+
 class ExperimentConfig(_Section):
     """A whole experiment card."""
 
@@ -306,6 +386,7 @@ class ExperimentConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
 
     @field_validator("name")
     @classmethod
@@ -316,6 +397,24 @@ class ExperimentConfig(_Section):
                 f"starting with a letter or digit. Received: {value!r}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _space_for_the_model(self) -> ExperimentConfig:
+        if self.model.builder is not None:
+            if "family" in self.model.model_fields_set:
+                raise ValueError(
+                    f"model: give either family or builder, not both. Received: family={self.model.family!r}, "
+                    f"builder={self.model.builder!r}"
+                )
+            ignored = [k for k in MLP_ONLY_SPACE if k in self.space.model_fields_set]
+            if ignored:
+                used = ", ".join(k for k in SpaceConfig.model_fields if k not in MLP_ONLY_SPACE)
+                raise ValueError(
+                    f"space.{ignored[0]} is read only by the built-in mlp family; model.builder "
+                    f"{self.model.builder!r} would silently ignore it. With a builder, space accepts: {used} "
+                    "(they compile a model the builder returns uncompiled); declare other knobs with hp.* in the builder"
+                )
+        return self
 
     @field_validator("strategy", mode="before")
     @classmethod
@@ -336,14 +435,77 @@ class ExperimentConfig(_Section):
         return self.tuner.direction or objective_direction(self.objective)
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved card as plain data (what ``experiment.yaml`` holds)."""
-        return self.model_dump(mode="json")
+        """The resolved card as plain data (what ``experiment.yaml`` holds).
+
+        With a builder, the MLP's knobs and the family are left out: the card does not use them.
+        """
+        data = self.model_dump(mode="json")
+        if self.model.builder is not None:
+            data["model"].pop("family")
+            for key in MLP_ONLY_SPACE:
+                data["space"].pop(key)
+        return data
+
+
+# KerasTuner's infer_metric_direction is the rule for Keras' metric names, but it needs Keras
+# (and so TensorFlow); these mirror it without TensorFlow, and tests/test_config.py checks that
+# they agree for every metric a task produces and for Keras' other metrics.
+_MAXIMIZED = (
+    "acc",
+    "accuracy",
+    "binary_accuracy",
+    "categorical_accuracy",
+    "sparse_categorical_accuracy",
+    "top_k_categorical_accuracy",
+    "sparse_top_k_categorical_accuracy",
+    "true_positives",
+    "true_negatives",
+    "precision",
+    "recall",
+    "auc",
+    "sensitivity_at_specificity",
+    "specificity_at_sensitivity",
+)
+_MINIMIZED = (
+    "loss",
+    "crossentropy",
+    "error",
+    "mae",
+    "mse",
+    "mape",
+    "msle",
+    "hinge",
+    "poisson",
+    "kl_divergence",
+    "kld",
+    "log_cosh",
+    "logcosh",
+    "huber",
+    "false_positives",
+    "false_negatives",
+)
 
 
 def objective_direction(objective: str) -> str:
-    """Infer whether an objective is minimized: ``*loss*`` and ``*error*`` are, others are not."""
-    lowered = objective.lower()
-    return "min" if ("loss" in lowered or "error" in lowered) else "max"
+    """Whether a metric is maximized or minimized, from its name, as KerasTuner infers it.
+
+    ``val_`` and ``weighted_`` prefixes are ignored. Accuracy, AUC, precision, recall and true
+    counts are maximized; losses, errors (``mae``, ``mse``, ``rmse``, ...), crossentropies and
+    false counts are minimized; any other name is taken as maximized (say ``tuner.direction``).
+
+    Args:
+        objective: A metric name such as ``val_mae``.
+
+    Returns:
+        ``"max"`` or ``"min"``.
+    """
+    name = objective.lower()
+    name = name.removeprefix("val_").removeprefix("weighted_")
+    if name in _MAXIMIZED:
+        return "max"
+    if name == "ce" or any(word in name for word in _MINIMIZED):
+        return "min"
+    return "max"
 
 
 # ---------------------------------------------------------------------------- loading
@@ -479,12 +641,14 @@ def read_card(path: Path) -> dict[str, Any]:
     return raw
 
 
-def validate(raw: dict[str, Any], default_name: str = "experiment") -> ExperimentConfig:
+def validate(raw: dict[str, Any], default_name: str = "experiment", card_dir: Path | None = None) -> ExperimentConfig:
     """Validate a raw card.
 
     Args:
         raw: The card as parsed YAML.
         default_name: The name used when the card has none. Defaults to ``"experiment"``.
+        card_dir: The card's folder, where a relative ``model.builder`` file is looked up first.
+            Defaults to None (the current directory only).
 
     Returns:
         The validated card.
@@ -498,9 +662,56 @@ def validate(raw: dict[str, Any], default_name: str = "experiment") -> Experimen
     raw = dict(raw)
     raw.setdefault("name", default_name)
     try:
-        return ExperimentConfig.model_validate(raw)
+        cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
         raise _translate(exc) from None
+    if cfg.model.builder is not None:
+        cfg.model.builder = locate_builder(cfg.model.builder, card_dir)
+    return cfg
+
+
+def locate_builder(reference: str, card_dir: Path | None) -> str:
+    """A file reference with its file found (card folder, then cwd) and made absolute.
+
+    Workers and resumes then find the same file wherever they start. The file is checked for
+    the named top-level function or class by parsing it, without running it (so ``toolkit
+    validate`` stays free of TensorFlow); a module reference is checked when the search imports it.
+    """
+    import ast
+
+    try:
+        where, name = split_builder_reference(reference)
+    except ValueError as exc:
+        raise ConfigError(f"model.builder: {exc}", field="model.builder") from None
+    if not (where.endswith(".py") or "/" in where or "\\" in where):
+        return reference
+    candidate = Path(where).expanduser()
+    places = [candidate] if candidate.is_absolute() else [p / candidate for p in ([card_dir] if card_dir else []) + [Path.cwd()]]
+    found = next((p for p in places if p.is_file()), None)
+    if found is None:
+        looked = ", ".join(str(p) for p in places)
+        raise ConfigError(f"model.builder: builder file {where!r} not found (looked in: {looked})", field="model.builder")
+    try:
+        tree = ast.parse(found.read_text(encoding="utf-8"), filename=str(found))
+    except (SyntaxError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"model.builder: {str(found)!r} is not valid Python: {exc}", field="model.builder") from None
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+    if name not in names:
+        defs = sorted(n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_"))
+        raise ConfigError(
+            f"model.builder: {str(found)!r} defines no {name!r}. Received: {reference!r}. It defines: {', '.join(defs) or 'nothing'}",
+            field="model.builder",
+        )
+    return f"{found.resolve()}:{name}"
 
 
 def load_config(
@@ -525,7 +736,7 @@ def load_config(
     raw = read_card(path)
     raw = apply_overrides(raw, parse_overrides(overrides))
     default_name = path.stem if NAME_PATTERN.fullmatch(path.stem) else "experiment"
-    return validate(raw, default_name=default_name)
+    return validate(raw, default_name=default_name, card_dir=path.parent)
 
 
 def _translate(exc: ValidationError) -> ConfigError:

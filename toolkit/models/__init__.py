@@ -13,6 +13,8 @@ from typing import Any
 
 import keras_tuner as kt
 
+from toolkit.config import MODEL_FAMILIES, ConfigError
+from toolkit.models import builder
 from toolkit.models.execution import auto_jit_compile, auto_steps_per_execution
 from toolkit.models.mlp import MLPHyperModel, _initializer
 
@@ -22,6 +24,9 @@ __all__ = [
     "auto_jit_compile",
     "auto_steps_per_execution",
     "build_hypermodel",
+    "builder",
+    "describe",
+    "for_card",
     "get",
     # Private helpers that other modules reach through the package.
     "_initializer",
@@ -29,27 +34,53 @@ __all__ = [
 
 # Each family's class builds itself from a card and its dataset with ``from_card``.
 FAMILIES: dict[str, type[kt.HyperModel]] = {"mlp": MLPHyperModel}
+# The card's names (toolkit.config, free of TensorFlow) and the classes must be the same set.
+assert set(FAMILIES) == set(MODEL_FAMILIES), (sorted(FAMILIES), MODEL_FAMILIES)
 
 
-def get(family_or_builder: str, cfg: Any, dataset: Any) -> kt.HyperModel:
-    """The HyperModel of a model family, for a card and its resolved dataset.
+def get(family_or_builder: Any, cfg: Any, dataset: Any) -> kt.HyperModel:
+    """The HyperModel for a card and its dataset: one door for shipped families and the user's own models.
 
     Args:
-        family_or_builder: A family name, one of :data:`FAMILIES`.
+        family_or_builder: A family name (one of :data:`FAMILIES`); a builder reference
+            ``"file.py:build"`` or ``"package.module:build"``; or the object itself: a function
+            ``build(hp) -> keras.Model``, a ``kt.HyperModel`` subclass or an instance.
         cfg: The validated card.
         dataset: The loaded dataset.
 
     Returns:
-        The family's HyperModel, built from the card's space and training section and the data.
+        The family's HyperModel, or the user's wrapped in :class:`~toolkit.models.builder.CardCompiled`
+        (built under the card's precision; compiled with the card's optimizer space if it comes back uncompiled).
 
     Raises:
-        ValueError: For an unknown family name.
+        ConfigError: For an unknown family or a builder that cannot be resolved (field ``model``).
     """
-    if not isinstance(family_or_builder, str) or family_or_builder not in FAMILIES:
-        raise ValueError(f"Unknown model family. Received: family={family_or_builder!r}. Accepted: {', '.join(FAMILIES)}")
-    return FAMILIES[family_or_builder].from_card(cfg, dataset)
+    if isinstance(family_or_builder, str) and ":" not in family_or_builder:
+        if family_or_builder not in FAMILIES:
+            raise ConfigError(
+                f"model.family: unknown {family_or_builder!r}. Accepted: {', '.join(FAMILIES)}", field="model.family"
+            )
+        return FAMILIES[family_or_builder].from_card(cfg, dataset)
+    if isinstance(family_or_builder, str):
+        family_or_builder = builder.resolve(family_or_builder)
+    inner = builder.as_hypermodel(family_or_builder)
+    return builder.CardCompiled(inner, cfg.space, dataset.task, train=cfg.train, n_train=len(dataset.x_train))
 
 
-def build_hypermodel(cfg: Any, dataset: Any) -> MLPHyperModel:
-    """The HyperModel for a card and its resolved dataset (the ``mlp`` family)."""
-    return get("mlp", cfg, dataset)
+def for_card(cfg: Any, dataset: Any, hypermodel: Any = None) -> kt.HyperModel:
+    """The card's HyperModel: ``hypermodel`` when given (the Python door), else ``model.builder``, else ``model.family``."""
+    if hypermodel is not None:
+        return get(hypermodel, cfg, dataset)
+    return get(cfg.model.builder or cfg.model.family, cfg, dataset)
+
+
+def describe(hypermodel: kt.HyperModel, cfg: Any) -> str:
+    """What built the trials, for the search's ``toolkit.model`` tag: a family name or the user's builder."""
+    if isinstance(hypermodel, builder.CardCompiled):
+        return cfg.model.builder or builder.describe(hypermodel)
+    return cfg.model.family
+
+
+def build_hypermodel(cfg: Any, dataset: Any) -> kt.HyperModel:
+    """The HyperModel for a card and its resolved dataset (its builder or family)."""
+    return for_card(cfg, dataset)

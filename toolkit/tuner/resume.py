@@ -26,6 +26,11 @@ def search_id(cfg: ExperimentConfig) -> str:
     source = Path(cfg.data.source).expanduser()
     if cfg.data.source.lower().endswith(FILE_SUFFIXES) and source.is_file():
         card["data"]["content_sha256"] = _file_sha256(source)
+    # The user's builder file counts by content too: an edited model is a new search.
+    if cfg.model.builder is not None:
+        builder_file = Path(cfg.model.builder.rpartition(":")[0])
+        if builder_file.suffix == ".py" and builder_file.is_file():
+            card["model"]["content_sha256"] = _file_sha256(builder_file)
     digest = hashlib.sha256(json.dumps(card, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.name}-{digest}"
 
@@ -52,4 +57,9 @@ def _read_state(path: Path) -> dict[str, Any]:
 
 def resolved_card_yaml(cfg: ExperimentConfig) -> str:
     """The resolved card as YAML, as stored in ``experiment.yaml``."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    card = cfg.to_dict()
+    if (card.get("tracking") or {}).get("uri"):  # never a password in a stored card
+        from toolkit.security import redact_uri
+
+        card["tracking"]["uri"] = redact_uri(card["tracking"]["uri"])
+    return yaml.safe_dump(card, sort_keys=False)

@@ -13,7 +13,7 @@ from typing import Any
 
 import keras
 
-from toolkit import tracking
+from toolkit import models, tracking
 from toolkit.config import ConfigError, ExperimentConfig
 from toolkit.data import Dataset, load_dataset, make_pipeline
 from toolkit.strategy import StrategyInfo, make_strategy
@@ -49,6 +49,7 @@ def run_search(
     workdir: Path | None = None,
     parent_run_id: str | None = None,
     serve: Callable[[Any, tracking.SearchTracker], None] | None = None,
+    hypermodel: Any = None,
 ) -> SearchResult:
     """Run (or resume) the search a card describes, tracked in MLflow.
 
@@ -64,12 +65,16 @@ def run_search(
         serve: Be the distributed chief: called with the tuner and tracker in place of
             ``tuner.search``, it serves the oracle until the workers finish (see
             :mod:`toolkit.distributed`). Defaults to None.
+        hypermodel: The user's own model, in place of the card's ``model`` section: a function
+            ``build(hp) -> keras.Model``, a ``kt.HyperModel`` subclass or instance, or a reference
+            ``"file.py:build"`` / ``"package.module:build"``. A model it returns uncompiled is
+            compiled with the card's optimizer, learning-rate and L1/L2 space. Defaults to None.
 
     Returns:
         The search's trials, best trial and run ids.
 
     Raises:
-        ConfigError: For a bad card or bad data, before any run is created.
+        ConfigError: For a bad card, bad data or a builder that cannot be resolved, before any run is created.
     """
     started = time.perf_counter()
     uri = uri or tracking.tracking_uri(cfg)
@@ -78,14 +83,18 @@ def run_search(
     # Record the task the data turned out to have (a float target → regression), so the default
     # objective is val_loss for it and the logged card says which task was trained.
     cfg.data.task = cfg.data.task or dataset.task
-    check_objective(cfg, dataset.task)
+    custom = hypermodel is not None or cfg.model.builder is not None
+    if not custom:
+        # A user's compiled model may log metrics of its own, so only the shipped families are checked here.
+        check_objective(cfg, dataset.task)
+    model = models.for_card(cfg, dataset, hypermodel)
     info = make_strategy(cfg.strategy)
     # batch_size is the global batch; a batch smaller than the replicas is a card error, caught here.
     # (The precision policy is set by the HyperModel for each build: KerasTuner resets a global one.)
     log.info("%s: global batch %d, %d per replica", info, cfg.train.batch_size, info.per_replica_batch(cfg.train.batch_size))
     keras.utils.set_random_seed(cfg.seed)
     if parent_run_id is not None:  # a distributed worker: the chief owns the parent, the folder's state and the summary
-        return join_search(cfg, dataset, info, parent_run_id, uri, workdir or project_dir(uri, cfg), on_trial)
+        return join_search(cfg, dataset, info, parent_run_id, uri, workdir or project_dir(uri, cfg), on_trial, model)
 
     workdir = workdir or project_dir(uri, cfg)
     state_file = workdir / "toolkit_search.json"
@@ -102,7 +111,11 @@ def run_search(
         state = {}
     resumed = bool(state)
 
-    parent = tracker.start_search(sid, parent_run_id=state.get("parent_run_id"), extra_tags={"toolkit.strategy": info.name})
+    parent = tracker.start_search(
+        sid,
+        parent_run_id=state.get("parent_run_id"),
+        extra_tags={"toolkit.strategy": info.name, "toolkit.model": models.describe(model, cfg)},
+    )
     resumed = resumed and parent == state.get("parent_run_id")
     workdir.mkdir(parents=True, exist_ok=True)
     state_file.write_text(json.dumps({"search_id": sid, "parent_run_id": parent}))
@@ -113,7 +126,7 @@ def run_search(
     try:
         tracker.log_json(tracking.environment(info), "environment.json")
         tracker.log_data_summary(dataset)
-        tuner = tracked_tuner(cfg, dataset, info, tracker, workdir, on_trial)
+        tuner = tracked_tuner(cfg, dataset, info, tracker, workdir, model, on_trial)
         if resumed:
             trials = tuner.oracle.trials
             completed = {tid for tid, t in trials.items() if t.status == "COMPLETED"}
@@ -177,6 +190,7 @@ def join_search(
     uri: str,
     workdir: Path,
     on_trial: Callable[[TrialResult], None] | None = None,
+    hypermodel: Any = None,
 ) -> SearchResult:
     """A distributed worker's part of a search: run the trials the chief's oracle hands out.
 
@@ -192,6 +206,7 @@ def join_search(
         uri: The tracking URI (the chief's tracking server).
         workdir: KerasTuner's project folder (the chief's when it is shared).
         on_trial: Called with each trial this worker finished.
+        hypermodel: The HyperModel the trials build. Defaults to the card's.
 
     Returns:
         The trials this worker ran.
@@ -202,7 +217,7 @@ def join_search(
     result = SearchResult(cfg.name, cfg.objective, cfg.direction, parent, tracker.ensure_experiment())
     status, reason = "FAILED", "the worker failed"
     try:
-        tuner = tracked_tuner(cfg, dataset, info, tracker, workdir, on_trial)
+        tuner = tracked_tuner(cfg, dataset, info, tracker, workdir, hypermodel or models.for_card(cfg, dataset), on_trial)
         fit_args, fit_kwargs = search_inputs(cfg, dataset)
         tuner.search(*fit_args, **fit_kwargs)
         result.trials = list(tuner.results)

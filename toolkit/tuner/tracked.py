@@ -16,7 +16,6 @@ from keras_tuner.src import config as kt_config
 from toolkit import tracking
 from toolkit.config import ConfigError, ExperimentConfig
 from toolkit.data import Dataset
-from toolkit.models import build_hypermodel
 from toolkit.strategy import StrategyInfo
 from toolkit.tuner.callbacks import EpochLogger, QuietTerminateOnNaN
 from toolkit.tuner.results import STATUS, TrialResult, _failure_reason, _history_metrics, _nan_epoch, _trial_metrics
@@ -50,6 +49,7 @@ class TrackedTunerMixin:
         self._runs: dict[str, str] = {}
         self._started: dict[str, float] = {}
         self._histories: dict[str, list[Any]] = {}
+        self._logged_params: dict[str, set[str]] = {}
         super().__init__(*args, **kwargs)
 
     def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
@@ -60,11 +60,17 @@ class TrackedTunerMixin:
             "toolkit.worker": self.tuner_id,
         }
         run_id = self.tracker.start_trial(trial.trial_id, trial.hyperparameters.values, tags)
+        self._logged_params[trial.trial_id] = set(trial.hyperparameters.values)
         self.tracker.log_datasets(run_id, self.dataset, ("training", "validation"))
         self._runs[trial.trial_id] = run_id
         self._started[trial.trial_id] = time.perf_counter()
 
     def run_trial(self, trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> Any:
+        # A distributed worker's oracle client vets the values the chief sent before anything is built.
+        check = getattr(self.oracle, "check_trial", None)
+        reason = check(trial) if check is not None else None
+        if reason:
+            raise kt.errors.FailedTrialError(reason)
         run_id = self._runs[trial.trial_id]
         kwargs["callbacks"] = [
             *kwargs.get("callbacks", []),
@@ -115,6 +121,12 @@ class TrackedTunerMixin:
         summary["trial_seconds"] = seconds
         if best_epoch is not None:
             summary["best_epoch"] = best_epoch
+        # A hyperparameter first declared while this trial built its model (a conditional that
+        # became active, say) has its value only now: log it with the others.
+        logged = self._logged_params.pop(trial.trial_id, set())
+        late = {k: v for k, v in trial.hyperparameters.values.items() if k not in logged}
+        if late:
+            tracking.log_params(self.tracker.uri, run_id, late, synchronous=False)
         self.tracker.end_trial(run_id, status, failure=failure, metrics=summary, details=trial.message if failure else None)
         result = TrialResult(
             trial.trial_id, status, dict(trial.hyperparameters.values), metrics, best_epoch, seconds, failure, run_id
@@ -218,15 +230,16 @@ def tracked_tuner(
     info: StrategyInfo,
     tracker: tracking.SearchTracker,
     workdir: Path,
+    hypermodel: kt.HyperModel,
     on_trial: Callable[[TrialResult], None] | None = None,
 ) -> kt.Tuner:
-    """The card's tracked tuner over its HyperModel, resuming the project in ``workdir``.
+    """The card's tracked tuner over a HyperModel, resuming the project in ``workdir``.
 
     The same in one process, in a distributed chief and in every worker.
     """
     return make_tuner(
         cfg,
-        build_hypermodel(cfg, dataset),
+        hypermodel,
         workdir.parent,
         workdir.name,
         overwrite=False,
