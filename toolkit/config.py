@@ -273,7 +273,7 @@ class DataConfig(_Section):
 class TunerConfig(_Section):
     """Which KerasTuner algorithm runs the trials, and what it optimizes."""
 
-    algorithm: Literal["random", "grid", "bayesian", "hyperband"] = "random"
+    algorithm: Literal[ALGORITHMS] = "random"
     # None: val_accuracy for classification, val_loss for regression.
     objective: str | None = None
     direction: Literal["min", "max"] | None = None
@@ -299,7 +299,7 @@ class TrainConfig(_Section):
     epochs: int = Field(3, ge=1, le=100_000)
     # The global batch: each replica gets batch_size / replicas.
     batch_size: int = Field(64, ge=1, le=1_000_000)
-    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    precision: Literal[PRECISIONS] = "float32"
     # "auto" picks from model and data size; small models are bound by per-step overhead.
     steps_per_execution: int | Literal["auto"] = "auto"
     jit_compile: bool | Literal["auto"] = "auto"
@@ -319,7 +319,7 @@ class TrainConfig(_Section):
 class StrategyConfig(_Section):
     """The ``tf.distribute`` strategy each trial trains under."""
 
-    name: Literal["auto", "cpu", "gpu", "mirrored", "tpu", "multi_worker"] = "auto"
+    name: Literal[STRATEGIES] = "auto"
     # mirrored without GPUs: the CPU is split into this many logical devices.
     replicas: int = Field(2, ge=1, le=64)
 

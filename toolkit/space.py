@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from toolkit.config import SGD_FAMILY, Range, SpaceConfig
+from toolkit.config import OPTIMIZERS, SGD_FAMILY, Range, SpaceConfig
 
 if TYPE_CHECKING:
     import keras
@@ -109,18 +109,26 @@ def make_optimizer(name: str, learning_rate: float, momentum: float = 0.0) -> ke
     """
     import keras
 
-    factories = {
-        "sgd": lambda: keras.optimizers.SGD(learning_rate),
-        "momentum": lambda: keras.optimizers.SGD(learning_rate, momentum=momentum),
-        "nesterov": lambda: keras.optimizers.SGD(learning_rate, momentum=momentum, nesterov=True),
-        "adam": lambda: keras.optimizers.Adam(learning_rate),
-        "adamw": lambda: keras.optimizers.AdamW(learning_rate),
-        "rmsprop": lambda: keras.optimizers.RMSprop(learning_rate),
-        "adagrad": lambda: keras.optimizers.Adagrad(learning_rate),
-    }
-    if name not in factories:
-        raise ValueError(f"Unknown optimizer {name!r}. Accepted: {', '.join(factories)}")
-    return factories[name]()
+    if name not in _OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {name!r}. Accepted: {', '.join(_OPTIMIZERS)}")
+    cls, options = _OPTIMIZERS[name]
+    if options.get("momentum"):
+        options = {**options, "momentum": momentum}
+    return getattr(keras.optimizers, cls)(learning_rate, **options)
+
+
+# Card name → (keras.optimizers class, its options); "momentum": True takes the card's momentum.
+_OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sgd": ("SGD", {}),
+    "momentum": ("SGD", {"momentum": True}),
+    "nesterov": ("SGD", {"momentum": True, "nesterov": True}),
+    "adam": ("Adam", {}),
+    "adamw": ("AdamW", {}),
+    "rmsprop": ("RMSprop", {}),
+    "adagrad": ("Adagrad", {}),
+}
+# The card's names (toolkit.config.OPTIMIZERS) and this table are one set.
+assert tuple(_OPTIMIZERS) == OPTIMIZERS, (tuple(_OPTIMIZERS), OPTIMIZERS)
 
 
 def activation_fn(name: str) -> Any:

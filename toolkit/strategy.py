@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from toolkit.config import ConfigError, StrategyConfig
+from toolkit.config import STRATEGIES, ConfigError, StrategyConfig
 
 log = logging.getLogger(__name__)
 
@@ -359,6 +359,8 @@ BUILDERS: dict[str, Callable[[StrategyConfig], StrategyInfo]] = {
     "tpu": _tpu,
     "multi_worker": _multi_worker,
 }
+# The card's names (toolkit.config.STRATEGIES, free of TensorFlow) and these builders are one set.
+assert tuple(BUILDERS) == STRATEGIES, (tuple(BUILDERS), STRATEGIES)
 
 
 def check_available(cfg: StrategyConfig) -> None:

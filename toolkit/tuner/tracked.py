@@ -14,7 +14,7 @@ import keras_tuner as kt
 from keras_tuner.src import config as kt_config
 
 from toolkit import tracking
-from toolkit.config import ConfigError, ExperimentConfig
+from toolkit.config import ALGORITHMS, ConfigError, ExperimentConfig
 from toolkit.data import Dataset
 from toolkit.strategy import StrategyInfo
 from toolkit.tuner.callbacks import EpochLogger, QuietTerminateOnNaN
@@ -183,6 +183,8 @@ def prune_checkpoints(directory: Path, keep: set[str]) -> int:
 
 
 _TUNERS = {"random": kt.RandomSearch, "grid": kt.GridSearch, "bayesian": kt.BayesianOptimization, "hyperband": kt.Hyperband}
+# The card's names (toolkit.config.ALGORITHMS, free of TensorFlow) and these classes are one set.
+assert tuple(_TUNERS) == ALGORITHMS, (tuple(_TUNERS), ALGORITHMS)
 
 
 _TRACKED: dict[str, type] = {}
