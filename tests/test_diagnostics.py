@@ -230,3 +230,191 @@ def test_epochs_beyond_the_budget_are_skipped_but_never_the_first_or_last(monkey
     # allows none until the last, which is forced.
     assert sorted(callback.history["grad_norm/dense_0"]) == [0, 1, 5]
     assert sorted(callback.history["gap_loss"]) == list(range(6))  # the gaps cost nothing: every epoch
+
+
+# ---------------------------------------------------------------------------- any layer with a kernel
+
+
+def _conv1d_model() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((16, 1)),
+            keras.layers.Conv1D(6, 3, activation="relu", name="conv_a"),
+            keras.layers.MaxPooling1D(2, name="pool"),
+            keras.layers.Conv1D(6, 3, activation="relu", name="conv_b"),
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Dropout(0.1, name="dropout"),
+            keras.layers.Dense(3, activation="softmax", name="output"),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def _conv2d_model() -> keras.Model:
+    """Conv2D with its activation as a separate ReLU layer, after BatchNormalization."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.ReLU(name="relu")(x)
+    x = keras.layers.MaxPooling2D(name="pool")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    outputs = keras.layers.Dense(3, activation="softmax", name="output")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def _two_branch_model(features: int = 6) -> keras.Model:
+    """Two Dense branches, one with ``activation=``, one with an Activation layer, concatenated."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((features,))
+    left = keras.layers.Dense(8, activation="relu", name="left")(inputs)
+    right = keras.layers.Dense(8, name="right")(inputs)
+    right = keras.layers.Activation("relu", name="right_relu")(right)
+    x = keras.layers.Concatenate(name="concat")([left, right])
+    outputs = keras.layers.Dense(3, activation="softmax", name="output")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def _images(shape: tuple[int, ...], n: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, *shape)).astype("float32")
+    flat = x.reshape(n, -1)
+    y = (flat[:, 0] + flat[:, 1] > 0).astype("int64") + (flat[:, 2] > 1).astype("int64")
+    return x, y
+
+
+def _fit_diagnostics(model: keras.Model, x: np.ndarray, y: np.ndarray, epochs: int = 2) -> dict[str, dict[int, float]]:
+    callback = DiagnosticsCallback(x[:48], y[:48])
+    model.fit(x, y, validation_data=(x, y), epochs=epochs, batch_size=32, verbose=0, callbacks=[callback])
+    return callback.history
+
+
+def _assert_diagnosed(history: dict[str, dict[int, float]], kernels: list[str], relus: list[str], epochs: int = 2) -> None:
+    for layer in kernels:
+        for metric in ("grad_norm", "weight_l1", "weight_l2"):
+            key = f"{metric}/{layer}"
+            assert sorted(history.get(key, {})) == list(range(epochs)), key
+            assert all(np.isfinite(list(history[key].values()))), key
+    assert all(np.isfinite(list(history["grad_ratio_first_last"].values())))
+    assert sorted(history["grad_ratio_first_last"]) == list(range(epochs))
+    dead = sorted(k.split("/", 1)[1] for k in history if k.startswith("dead_relu/"))
+    assert dead == sorted(relus)
+    for layer in relus:
+        assert all(0.0 <= v <= 1.0 for v in history[f"dead_relu/{layer}"].values()), layer
+    grads = {k.split("/", 1)[1] for k in history if k.startswith("grad_norm/")}
+    assert grads == set(kernels)  # every kernel layer, and nothing else
+
+
+def test_callback_diagnoses_a_conv1d_stack_with_pooling():
+    x, y = _images((16, 1))
+    model = _conv1d_model()
+    history = _fit_diagnostics(model, x, y)
+    _assert_diagnosed(history, ["conv_a", "conv_b", "output"], ["conv_a", "conv_b"])
+    kernel = model.get_layer("conv_a").kernel.numpy()
+    assert history["weight_l2/conv_a"][1] == pytest.approx(np.linalg.norm(kernel), rel=1e-5)
+    ratio = history["grad_norm/conv_a"][1] / history["grad_norm/output"][1]
+    assert history["grad_ratio_first_last"][1] == pytest.approx(ratio, rel=1e-5)
+
+
+def test_callback_diagnoses_a_conv2d_model_with_a_separate_relu_layer():
+    x, y = _images((8, 8, 1))
+    _assert_diagnosed(_fit_diagnostics(_conv2d_model(), x, y), ["conv", "output"], ["relu"])
+
+
+def test_callback_diagnoses_a_two_branch_functional_model():
+    x, y = _data(n=96)
+    _assert_diagnosed(_fit_diagnostics(_two_branch_model(), x, y), ["left", "right", "output"], ["left", "right_relu"])
+
+
+def _true_kernel_grad_norms(model: keras.Model, x: np.ndarray, y: np.ndarray, names: list[str]) -> dict[str, float]:
+    kernels = [model.get_layer(name).kernel for name in names]
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, model(x, training=False)))
+    grads = tape.gradient(loss, kernels)
+    return {f"grad_norm/{name}": float(tf.norm(g)) for name, g in zip(names, grads, strict=True)}
+
+
+@pytest.mark.parametrize(
+    ("build", "shape", "kernels"),
+    [
+        (_conv1d_model, (16, 1), ["conv_a", "conv_b", "output"]),
+        (_conv2d_model, (8, 8, 1), ["conv", "output"]),
+        (_two_branch_model, (6,), ["left", "right", "output"]),
+    ],
+)
+def test_probe_gives_the_gradients_of_the_model_eager_and_compiled(build, shape, kernels):
+    x, y = _images(shape, n=32)
+    model = build()
+    probe = _Probe(model, x, y)
+    eager = probe.measure()
+    for key, expected in _true_kernel_grad_norms(model, x, y, kernels).items():
+        assert eager[key] == pytest.approx(expected, rel=1e-4), key
+    probe.compile()
+    compiled = probe.measure()
+    assert compiled.keys() == eager.keys()
+    for key, value in eager.items():
+        assert compiled[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+
+
+def test_dead_units_of_a_conv_layer_are_its_channels():
+    x, y = _images((16, 1), n=32)
+    model = _conv1d_model()
+    layer = model.get_layer("conv_a")
+    bias = np.zeros(6, dtype="float32")
+    bias[:2] = -1e3  # two channels never fire at any position of any sample
+    layer.bias.assign(bias)
+    assert _Probe(model, x, y).measure()["dead_relu/conv_a"] == pytest.approx(2 / 6)
+
+
+def test_nested_models_are_opened_and_their_names_qualified_where_they_clash():
+    def block(name: str) -> keras.Model:
+        inputs = keras.Input((6,))
+        return keras.Model(inputs, keras.layers.Dense(6, activation="relu", name="dense")(inputs), name=name)
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    x = block("block_1")(inputs)
+    x = block("block_2")(x)
+    x = keras.layers.Dense(5, activation="relu", name="head")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="output")(x))
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    x_data, y_data = _data(n=32)
+    values = _Probe(model, x_data, y_data).measure()
+    for layer in ("block_1/dense", "block_2/dense", "head", "output"):
+        assert {f"grad_norm/{layer}", f"weight_l1/{layer}", f"weight_l2/{layer}"} <= set(values), layer
+    assert {"dead_relu/block_1/dense", "dead_relu/block_2/dense", "dead_relu/head"} == {
+        k for k in values if k.startswith("dead_relu/")
+    }
+    assert np.isfinite(values["grad_ratio_first_last"])
+
+
+def test_a_subclassed_model_gets_norms_without_dead_unit_counts():
+    class Net(keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hidden = keras.layers.Dense(8, activation="relu", name="hidden")
+            self.out = keras.layers.Dense(3, activation="softmax", name="output")
+
+        def call(self, inputs):
+            return self.out(self.hidden(inputs))
+
+    x, y = _data(n=64)
+    model = Net()
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    history = _fit_diagnostics(model, x, y, epochs=1)
+    assert {"grad_norm/hidden", "grad_norm/output", "weight_l2/hidden", "grad_ratio_first_last"} <= set(history)
+    assert not any(k.startswith("dead_relu/") for k in history)
+
+
+@pytest.mark.parametrize(("build", "shape"), [(_conv1d_model, (16, 1)), (_conv2d_model, (8, 8, 1)), (_two_branch_model, (6,))])
+def test_gradient_check_passes_on_conv_and_branching_models(build, shape):
+    x, y = _images(shape, n=12)
+    model = build()
+    model.fit(x, y, epochs=1, verbose=0)  # BatchNormalization's statistics move off their start
+    assert gradient_check(model, x, y, max_checks=60) < 1e-6

@@ -2,14 +2,22 @@
 
 :class:`DiagnosticsCallback` looks at a fixed probe batch once per epoch and records:
 
-- ``grad_norm/<layer>``: the L2 norm of the loss gradient for each Dense kernel. The gradient is
-  that of the *data* loss only: a regularization penalty adds a term local to each layer that
-  never vanishes, and would hide the vanishing that the chain rule produces.
-- ``grad_ratio_first_last``: the first Dense layer's gradient norm over the last one's. Near zero
-  means the gradient vanished on its way back through the layers.
-- ``dead_relu/<layer>``: for hidden layers with a ReLU-family activation, the share of units
-  whose output is ``<= 0`` for every probe sample (for ``relu`` that is exactly 0: the unit
-  passes no gradient for any of them).
+- ``grad_norm/<layer>``: the L2 norm of the loss gradient for the kernel of each layer that has
+  one (Dense, Conv1D/2D/3D, ...; nested models are opened). ``<layer>`` is the layer's name,
+  prefixed by the names of the nested models around it only where two layers share a name
+  (``block_1/dense``). The gradient is that of the *data* loss only: a regularization penalty
+  adds a term local to each layer that never vanishes, and would hide the vanishing that the
+  chain rule produces.
+- ``grad_ratio_first_last``: the first kernel layer's gradient norm over the last one's (in the
+  model's layer order, input to output). Near zero means the gradient vanished on its way back
+  through the layers.
+- ``dead_relu/<layer>``: for each hidden ReLU-family activation, given as a layer's
+  ``activation=`` or as a layer of its own (``ReLU``, ``Activation("relu")``, ``LeakyReLU``, ...),
+  the share of units whose output is ``<= 0`` for every probe sample (for ``relu`` that is
+  exactly 0: the unit passes no gradient for any of them). A unit is the last axis: a Dense
+  layer's feature, a Conv layer's channel (zero at every position). The output layer's
+  activation is not hidden: in a chain of layers none after the last kernel layer counts, in
+  any other graph none whose output is the model's output.
 - ``weight_l1/<layer>`` and ``weight_l2/<layer>``: the kernel's L1 norm and L2 (Frobenius) norm.
 - ``gap_loss`` = ``val_loss - loss`` and, for classification, ``gap_accuracy`` =
   ``accuracy - val_accuracy``: positive values mean the model does better on what it trained on.
@@ -18,7 +26,9 @@
 Values are buffered and sent to MLflow in one batch at the end of training (or every
 ``flush_seconds``), so no epoch waits on the tracking store.
 
-:func:`gradient_check` compares backpropagation with central finite differences in float64.
+:func:`gradient_check` compares backpropagation with central finite differences in float64, on
+any model that can be rebuilt from its config (Sequential or functional, with Conv, pooling,
+BatchNormalization, branches, nested models).
 """
 
 from __future__ import annotations
@@ -37,6 +47,8 @@ log = logging.getLogger(__name__)
 
 # Activations whose units can switch off: output <= 0 for every input of the probe batch.
 RELU_FAMILY = ("relu", "leaky_relu", "elu", "selu", "gelu", "silu", "swish", "relu6")
+# The same activations given as layers of their own.
+_RELU_LAYERS = (keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU, keras.layers.PReLU)
 
 # Per-epoch work on the probe batch is a few dozen small ops. Run eagerly it costs a few ms an
 # epoch and nothing up front. A tf.function runs it 3-5x faster but its trace costs 100-300 ms,
@@ -101,6 +113,7 @@ class DiagnosticsCallback(keras.callbacks.Callback):
         self._last_flush = 0.0
         self._epoch = 0
         self._probe: _Probe | None = None
+        self._deferred = False  # the probe waits for the model to be built
 
     @classmethod
     def from_dataset(
@@ -138,12 +151,21 @@ class DiagnosticsCallback(keras.callbacks.Callback):
         self._train_started = started
         self._spent = 0.0  # probe time counted against the budget
         self._cost: float | None = None  # what the next probe computation is expected to cost
+        self._probe = None
+        # A subclassed model builds its layers in the first training step: its probe waits for
+        # the end of the first epoch.
+        self._deferred = not getattr(self.model, "built", True)
+        if not self._deferred:
+            self._start_probe()
+        self.seconds += time.perf_counter() - started
+
+    def _start_probe(self) -> None:
+        self._deferred = False
         try:
             self._probe = _Probe(self.model, self.x, self.y)
         except Exception as exc:  # diagnostics must never fail a trial
             log.warning("diagnostics are off for this model: %s", exc)
             self._probe = None
-        self.seconds += time.perf_counter() - started
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         started = time.perf_counter()
@@ -152,6 +174,8 @@ class DiagnosticsCallback(keras.callbacks.Callback):
         training = started - self._train_started - self.seconds  # the trial's own time so far
         last = self._planned and epoch == self._planned - 1
         affordable = self._spent + (self._cost or 0.0) <= BUDGET * training
+        if self._deferred:
+            self._start_probe()
         if self._probe is not None and (epoch == 0 or last or affordable):
             values.update(self._measure(epoch))
         for key, value in values.items():
@@ -243,11 +267,19 @@ _COMPILED_MAX = 32
 class _Probe:
     """The per-model part of the diagnostics: the layer plan and the computation on the probe.
 
-    The forward pass is replayed layer by layer so that every Dense layer's output is at hand
-    for the dead-unit count. Dense layers are computed from their weights in float32 (under
-    mixed precision the diagnostics stay in full precision); weightless layers in between are
-    called as they are, in inference mode. A model that is not a single chain of layers gets
-    gradient and weight norms from one whole-model call, without dead-unit counts.
+    Every layer with a ``kernel`` (Dense, Conv1D/2D/3D, ...) is diagnosed, nested models opened,
+    each keyed by its name (qualified by the nested models' names where two layers share one).
+    The forward pass takes one of three routes, the cheapest that fits the model:
+
+    - a chain of Dense layers and weightless ones (the MLP): replayed from the weights, which
+      are passed in as arguments, so one trace serves every model of the same architecture;
+    - any other chain (Conv stacks, BatchNormalization, ...): replayed layer by layer;
+    - any other graph (branches, nested models): a functional model over the same layers that
+      also returns the hidden ReLU-family outputs. A subclassed model, which has no graph to
+      read, is called whole and gets no dead-unit counts.
+
+    Everything runs in inference mode; gradients and norms are computed in float32 (under mixed
+    precision the diagnostics stay in full precision).
     """
 
     def __init__(self, model: keras.Model, x: np.ndarray, y: np.ndarray) -> None:
@@ -255,57 +287,66 @@ class _Probe:
         self.x = tf.constant(x)
         self.y = tf.constant(y)
         self.loss_fn = _loss_fn(model)
+        if len(getattr(model, "outputs", None) or [None]) != 1:
+            raise ValueError("diagnostics need a model with a single output")
+        names = _layer_keys(model)
         self.chain = _chain_layers(model)
         self.start = self.x
         if self.chain:
-            # The weightless layers before the first Dense one (Flatten, a Normalization with
-            # fixed statistics) give the same output every epoch: computed once, not per epoch.
-            while self.chain and not isinstance(self.chain[0], keras.layers.Dense) and not self.chain[0].trainable_weights:
+            # The weightless layers before the first kernel (Flatten, a Normalization with fixed
+            # statistics) give the same output every epoch: computed once, not per epoch.
+            while self.chain and not _has_kernel(self.chain[0]) and not self.chain[0].trainable_weights:
                 self.start = self.chain.pop(0)(self.start, training=False)
             self.start = tf.constant(self.start)
             # Dropout is the identity in inference mode; calling it is pure overhead.
             self.chain = [layer for layer in self.chain if not isinstance(layer, keras.layers.Dropout)]
-            if any(layer.trainable_weights and not isinstance(layer, keras.layers.Dense) for layer in self.chain):
-                self.chain = None  # weights outside Dense layers: the generic path below
         if self.chain:
-            self.dense = [layer for layer in self.chain if isinstance(layer, keras.layers.Dense)]
+            self.kernel_layers = [layer for layer in self.chain if _has_kernel(layer)]
+            # The hidden layers: those a kernel layer comes after (the output layer is not one).
+            last = max((i for i, layer in enumerate(self.chain) if _has_kernel(layer)), default=-1)
+            self.hidden = [layer for layer in self.chain[:last] if _relu_family(layer)]
         else:
-            self.dense = [layer for layer in _flat_layers(model) if isinstance(layer, keras.layers.Dense)]
-        if not self.dense:
-            raise ValueError("the model has no Dense layer to diagnose")
-        names = [layer.name for layer in self.dense]
-        self.hidden = [layer for layer in self.dense[:-1] if _activation_name(layer) in RELU_FAMILY] if self.chain else []
-        # The order of the values the computation returns; names are fixed per model.
-        self.keys = (
-            [f"grad_norm/{n}" for n in names]
-            + [f"weight_l1/{n}" for n in names]
-            + [f"weight_l2/{n}" for n in names]
-            + [f"dead_relu/{layer.name}" for layer in self.hidden]
-        )
-        if self.chain:
+            self.kernel_layers = [layer for layer, _ in _walk(model) if _has_kernel(layer)]
+        if not self.kernel_layers:
+            raise ValueError("the model has no layer with a kernel to diagnose")
+        # Weights passed as arguments only fit Dense layers (the replay does their matmul); any
+        # other weights (a Conv kernel, BatchNormalization's statistics) are read by the layer.
+        self.fast = bool(self.chain) and all(isinstance(layer, keras.layers.Dense) or not layer.weights for layer in self.chain)
+        self.signature = None
+        if self.fast:
             steps, self.signature = self._plan(model)
             self._python = _chain_computation(steps, self.loss_fn)
+        elif self.chain:
+            self._python = self._replay_computation
         else:
-            self.signature = None
-            self._python = self._whole_model_computation
+            self._graph = _HiddenOutputs.of(model)
+            self.hidden = self._graph.layers if self._graph is not None else []
+            self._python = self._graph_computation
+        # The order of the values the computation returns; names are fixed per model.
+        kernel_names = [names[id(layer)] for layer in self.kernel_layers]
+        self.keys = (
+            [f"grad_norm/{n}" for n in kernel_names]
+            + [f"weight_l1/{n}" for n in kernel_names]
+            + [f"weight_l2/{n}" for n in kernel_names]
+            + [f"dead_relu/{names[id(layer)]}" for layer in self.hidden]
+        )
         cached = _COMPILED.get(self.signature) if self.signature is not None else None
         self.compiled = cached is not None
         self._fn = cached or self._python
 
     def _plan(self, model: keras.Model) -> tuple[list[tuple], tuple | None]:
-        """The chain as steps for the computation, and a signature that identifies its graph."""
+        """The Dense chain as steps for the computation, and a signature that identifies its graph."""
         hidden = {id(layer) for layer in self.hidden}
         steps, signature = [], []
         for layer in self.chain:
+            count = id(layer) in hidden
             if isinstance(layer, keras.layers.Dense):
-                steps.append(("dense", layer.activation, layer.use_bias, id(layer) in hidden))
-                signature.append(
-                    ("dense", _activation_name(layer), layer.use_bias, id(layer) in hidden, tuple(layer.kernel.shape))
-                )
+                steps.append(("dense", layer.activation, layer.use_bias, count))
+                signature.append(("dense", _activation_name(layer), layer.use_bias, count, tuple(layer.kernel.shape)))
             else:
-                steps.append(("layer", layer))
+                steps.append(("layer", layer, count))
                 config = {k: v for k, v in layer.get_config().items() if k != "name"}
-                signature.append((type(layer).__name__, repr(sorted(config.items()))))
+                signature.append((type(layer).__name__, count, repr(sorted(config.items()))))
         # Only a loss given by name is known to be the same function in another model.
         loss = model.loss if isinstance(model.loss, str) else None
         key = (tuple(signature), loss, tuple(self.start.shape), self.y.dtype.name) if loss else None
@@ -325,34 +366,117 @@ class _Probe:
                 _COMPILED.popitem(last=False)
 
     def measure(self) -> dict[str, float]:
-        if self.chain:
+        if self.fast:
             # The variables themselves, not their values: a compiled function then reads them in
             # the graph and is reused for any model whose variables have the same shapes.
-            kernels = [_variable(layer.kernel) for layer in self.dense]
-            biases = [_variable(layer.bias) for layer in self.dense if layer.use_bias]
+            kernels = [_variable(layer.kernel) for layer in self.kernel_layers]
+            biases = [_variable(layer.bias) for layer in self.kernel_layers if layer.use_bias]
             numbers = self._fn(self.start, self.y, kernels, biases)
         else:
             numbers = self._fn()
         numbers = numbers.numpy().astype("float64")
         values = dict(zip(self.keys, (float(v) for v in numbers), strict=True))
-        first, last = numbers[0], numbers[len(self.dense) - 1]
+        first, last = numbers[0], numbers[len(self.kernel_layers) - 1]
         if last > 0 and math.isfinite(first):
             values["grad_ratio_first_last"] = float(first / last)
         return values
 
-    def _whole_model_computation(self) -> tf.Tensor:
-        kernels = [layer.kernel for layer in self.dense]
+    # The computations below read the model's variables themselves, so a trace of one of them
+    # belongs to this model alone (no signature, no sharing).
+
+    def _replay_computation(self) -> tf.Tensor:
+        hidden_ids = {id(layer) for layer in self.hidden}
+        kernels = [_variable(layer.kernel) for layer in self.kernel_layers]
         with tf.GradientTape() as tape:
-            loss = self.loss_fn(self.y, tf.cast(self.model(self.x, training=False), tf.float32))
-        grads = tape.gradient(loss, kernels)
-        return _summary(grads, kernels, [])
+            tape.watch(kernels)  # frozen kernels too: the gradient still flows through them
+            h, hidden = self.start, []
+            for layer in self.chain:
+                h = layer(h, training=False)
+                if id(layer) in hidden_ids:
+                    hidden.append(h)
+            loss = self.loss_fn(self.y, tf.cast(h, tf.float32))
+        return _summary(tape.gradient(loss, kernels), kernels, hidden)
+
+    def _graph_computation(self) -> tf.Tensor:
+        kernels = [_variable(layer.kernel) for layer in self.kernel_layers]
+        with tf.GradientTape() as tape:
+            tape.watch(kernels)
+            if self._graph is not None:
+                outputs, hidden = self._graph([self.x])
+                prediction = outputs[0]
+            else:
+                prediction, hidden = self.model(self.x, training=False), []
+            loss = self.loss_fn(self.y, tf.cast(prediction, tf.float32))
+        return _summary(tape.gradient(loss, kernels), kernels, hidden)
+
+
+class _HiddenOutputs:
+    """A functional model's forward pass that also returns its hidden ReLU-family outputs.
+
+    It is a ``keras.Model`` over the same layers (so the same variables) whose outputs are the
+    model's outputs, the outputs of its hidden ReLU-family layers and the inputs of its nested
+    models; each nested model gets its own, fed from those inputs. A layer whose output is an
+    output of the whole model is not hidden. A layer called more than once, or a nested model
+    whose graph cannot be read, is skipped (with a debug log): its kernels are still diagnosed.
+    """
+
+    def __init__(self, model: keras.Model, final: set[int]) -> None:
+        hidden, feeds, self.children = [], [], []
+        self.layers: list[keras.layers.Layer] = []  # the hidden layers, in the order returned
+        for layer in model.layers:
+            if isinstance(layer, keras.Model):
+                try:
+                    (node,) = layer._inbound_nodes  # called once in this graph
+                    inner_final = {id(t) for t in layer.outputs} if any(id(t) in final for t in node.output_tensors) else set()
+                    child = _HiddenOutputs(layer, inner_final)
+                except Exception as exc:
+                    log.debug("no dead-unit counts inside nested model %s: %s", layer.name, exc)
+                    continue
+                if child.layers:
+                    feeds.append(list(node.input_tensors))
+                    self.children.append(child)
+            elif _relu_family(layer):
+                nodes = getattr(layer, "_inbound_nodes", None) or []
+                if len(nodes) != 1:  # a shared layer: one output per call, none the whole story
+                    log.debug("no dead-unit count for layer %s, called %d times", layer.name, len(nodes))
+                    continue
+                output = layer.output
+                if isinstance(output, keras.KerasTensor) and id(output) not in final:
+                    hidden.append(output)
+                    self.layers.append(layer)
+        self.sizes = (len(model.outputs), len(hidden), [len(f) for f in feeds])
+        self.fn = keras.Model(list(model.inputs), [*model.outputs, *hidden, *(t for f in feeds for t in f)])
+        for child in self.children:
+            self.layers.extend(child.layers)
+
+    @classmethod
+    def of(cls, model: keras.Model) -> _HiddenOutputs | None:
+        """The forward pass of ``model``, or None for a model without a graph (a subclassed one)."""
+        try:
+            return cls(model, {id(t) for t in model.outputs})
+        except Exception as exc:
+            log.debug("no dead-unit counts for model %s (no graph to read): %s", model.name, exc)
+            return None
+
+    def __call__(self, inputs: list[tf.Tensor]) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
+        """The model's outputs and the hidden outputs, in the order of :attr:`layers`."""
+        values = self.fn(inputs, training=False)
+        values = list(values) if isinstance(values, (list, tuple)) else [values]
+        n_out, n_hidden, feed_sizes = self.sizes
+        outputs, hidden, rest = values[:n_out], values[n_out : n_out + n_hidden], values[n_out + n_hidden :]
+        for child, size in zip(self.children, feed_sizes, strict=True):
+            # The nested model runs a second time here, for its hidden outputs only.
+            hidden.extend(child(rest[:size])[1])
+            rest = rest[size:]
+        return outputs, hidden
 
 
 def _chain_computation(steps: list[tuple], loss_fn: Any) -> Any:
     """The probe computation for a chain of layers, with the weights as arguments.
 
     Args:
-        steps: ``("dense", activation, use_bias, count_dead)`` or ``("layer", layer)`` per layer.
+        steps: ``("dense", activation, use_bias, count_dead)`` or ``("layer", layer, count_dead)``
+            per layer.
         loss_fn: ``(y_true, y_pred) -> scalar``.
 
     Returns:
@@ -376,7 +500,10 @@ def _chain_computation(steps: list[tuple], loss_fn: Any) -> Any:
                     if count_dead:
                         hidden.append(h)
                 else:
-                    h = step[1](h, training=False)
+                    _, layer, count_dead = step
+                    h = layer(h, training=False)
+                    if count_dead:
+                        hidden.append(h)
             loss = loss_fn(y, tf.cast(h, tf.float32))
         return _summary(tape.gradient(loss, kernels), kernels, hidden)
 
@@ -393,20 +520,56 @@ def _summary(grads: list[Any], kernels: list[Any], hidden: list[tf.Tensor]) -> t
     parts = [tf.norm(tf.cast(g, tf.float32)) if g is not None else tf.constant(float("nan")) for g in grads]
     parts += [tf.reduce_sum(tf.abs(tf.cast(k, tf.float32))) for k in kernels]
     parts += [tf.norm(tf.cast(k, tf.float32)) for k in kernels]
-    parts += [tf.reduce_mean(tf.cast(tf.reduce_all(h <= 0, axis=0), tf.float32)) for h in hidden]
+    # A unit is a feature of a Dense output and a channel of a Conv one: the last axis.
+    parts += [tf.reduce_mean(tf.cast(tf.reduce_all(h <= 0, axis=list(range(len(h.shape) - 1))), tf.float32)) for h in hidden]
     # One tensor, so reading the values back is one device-to-host copy.
     return tf.stack(parts)
 
 
-def _flat_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """Every layer, with nested models opened, in the order they were added."""
-    out = []
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            out.extend(_flat_layers(layer))
-        else:
-            out.append(layer)
+def _has_kernel(layer: Any) -> bool:
+    """Whether a layer has a built ``kernel`` (Dense, Conv*, EinsumDense, ...)."""
+    try:
+        return getattr(layer, "kernel", None) is not None and not isinstance(layer, keras.Model)
+    except Exception:  # an unbuilt layer may raise instead of returning None
+        return False
+
+
+def _sublayers(layer: Any) -> list[Any]:
+    """The layers directly inside a layer: a model's layers, or a custom layer's tracked ones."""
+    if isinstance(layer, keras.Model):
+        return list(layer.layers)
+    return list(getattr(layer, "_layers", None) or [])
+
+
+def _walk(model: keras.Model, path: tuple[str, ...] = ()) -> list[tuple[Any, tuple[str, ...]]]:
+    """Every layer once, with nested models (and custom layers' sublayers) opened, in order.
+
+    Returns:
+        ``(layer, path)`` pairs, where ``path`` names the enclosing layers inside ``model``.
+    """
+    out, seen = [], set()
+
+    def visit(container: Any, path: tuple[str, ...]) -> None:
+        for layer in _sublayers(container):
+            if id(layer) in seen or isinstance(layer, keras.layers.InputLayer):
+                continue
+            seen.add(id(layer))
+            if not isinstance(layer, keras.Model):
+                out.append((layer, path))
+            visit(layer, (*path, layer.name))
+
+    visit(model, path)
     return out
+
+
+def _layer_keys(model: keras.Model) -> dict[int, str]:
+    """The metric key of every layer: its name, qualified by its enclosing layers' names only
+    where two layers share a name (two instances of one nested block, say)."""
+    walked = _walk(model)
+    counts: dict[str, int] = {}
+    for layer, _ in walked:
+        counts[layer.name] = counts.get(layer.name, 0) + 1
+    return {id(layer): layer.name if counts[layer.name] == 1 else "/".join((*path, layer.name)) for layer, path in walked}
 
 
 def _chain_layers(model: keras.Model) -> list[keras.layers.Layer] | None:
@@ -462,6 +625,13 @@ def _history_names(node: Any) -> list[str]:
 def _activation_name(layer: keras.layers.Layer) -> str:
     fn = getattr(layer, "activation", None)
     return getattr(fn, "__name__", "") if fn is not None else ""
+
+
+def _relu_family(layer: keras.layers.Layer) -> bool:
+    """Whether a layer's output is that of a ReLU-family activation, as ``activation=`` or a layer."""
+    if isinstance(layer, keras.Model):
+        return False
+    return isinstance(layer, _RELU_LAYERS) or _activation_name(layer) in RELU_FAMILY
 
 
 def _loss_fn(model: keras.Model, dtype: Any = tf.float32) -> Any:
