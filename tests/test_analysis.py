@@ -243,3 +243,170 @@ def test_reading_a_store_loads_no_tensorflow():
 
     code = "import sys, toolkit.analysis, toolkit.tracking; assert 'tensorflow' not in sys.modules, 'tensorflow was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------- any model's search
+
+
+def _custom_search(client, name: str, layers: dict[str, float] | None = None, ratio: bool = True) -> str:
+    """A search of a user's own model: only custom hp names, per-epoch loss and val_accuracy.
+
+    val_accuracy rises with ``filters`` and is higher with ``pooling=max``; ``kernel_size`` and
+    ``branch_units`` do nothing. ``layers`` adds diagnostics metrics: a gradient norm per layer
+    (and the diagnostics' own first/last ratio when ``ratio``).
+    """
+    exp_id = client.create_experiment(name)
+    # No direction tag: the analysis infers it from the objective's name.
+    parent = client.create_run(exp_id, tags={"toolkit.role": "search", "toolkit.objective": "val_accuracy"})
+    cells = [(f, k, p) for f in (16, 32, 64) for k in (3, 5) for p in ("max", "avg")]
+    for trial_id, (filters, kernel_size, pooling) in enumerate(cells):
+        final = 0.5 + 0.004 * filters + (0.05 if pooling == "max" else 0.0)
+        acc = final * (1 - np.exp(-2.0 * np.arange(1, EPOCHS + 1)))
+        last = {}
+        if layers:
+            last = {f"grad_norm/{layer}": norm for layer, norm in layers.items()}
+            last[f"dead_relu/{next(iter(layers))}"] = 0.0
+            if ratio:
+                norms = list(layers.values())
+                last["grad_ratio_first_last"] = norms[0] / norms[-1]
+        params = {
+            "filters": filters,
+            "kernel_size": kernel_size,
+            "pooling": pooling,
+            "branch_units": 8 if trial_id % 2 else 24,
+            # KerasTuner's own bookkeeping and a knob named like a table column.
+            "tuner/epochs": 2,
+            "epochs": 3,
+        }
+        curves = {"val_accuracy": acc, "loss": 1.5 * np.exp(-0.5 * np.arange(EPOCHS))}
+        _log_trial(client, exp_id, parent.info.run_id, trial_id, params, curves, last)
+    return parent.info.run_id
+
+
+ESSAY_WORDS = ("activation", "depth", "ptimizer", "L1", "L2", "l1", "l2", "Gradients", "Dead units", "Overfitting", "dense")
+
+
+def test_a_custom_model_gets_marginal_effects_and_no_mlp_sections(shared_store, tmp_path):
+    store, client = shared_store
+    parent = _custom_search(client, "custom")
+    data = analysis.load_search(parent, store)
+    assert data.direction == "max"
+    assert data.hyperparameters == ["filters", "kernel_size", "pooling", "branch_units", "epochs (hp)"]
+    assert (data.table["epochs (hp)"] == 3).all() and (data.table["epochs"] == EPOCHS).all()
+
+    choices = analysis.choice_findings(data)
+    assert len(choices) == 1 and choices[0].startswith("pooling: max beat avg by 5.0 pp in mean val_accuracy")
+    assert "n=6 and 6" in choices[0] and "best " in choices[0]
+    numeric = {f.split(":", 1)[0]: f for f in analysis.numeric_findings(data)}
+    assert set(numeric) == {"filters", "kernel_size", "branch_units"}
+    assert "higher filters went with better val_accuracy (Spearman ρ = 0.96 over 12 trials)" in numeric["filters"]
+    assert "64 mean 0.781, best 0.806 (n=4)" in numeric["filters"]
+    assert "no clear trend" in numeric["kernel_size"] and "Spearman ρ = 0.00 over 12 trials" in numeric["kernel_size"]
+    for finder in (
+        analysis.activation_depth_findings,
+        analysis.gradient_findings,
+        analysis.overfitting_findings,
+        analysis.regularization_findings,
+    ):
+        assert finder(data) == []
+    assert analysis.optimizer_ranking(data) is None
+    importance = analysis.hyperparameter_importance(data)
+    assert importance.table["hyperparameter"].iloc[0] == "filters"
+
+    md = analysis.write_report(parent, store, tmp_path / "out", log_to_mlflow=False)
+    text = md.read_text()
+    assert "- filters: the best trial used 64" in text and "- pooling: max beat avg" in text
+    assert "## Optimizers" not in text and "tuner/epochs" not in text
+    findings = text.split("## Findings", 1)[1].split("##", 1)[0]
+    assert not [word for word in ESSAY_WORDS if word in findings]
+    assert sorted(p.name for p in (tmp_path / "out" / "report").iterdir()) == [
+        "learning_curves.png",
+        "objective_vs_hyperparameters.png",
+    ]
+
+
+def test_conv_layer_gradients_get_the_vanishing_finding(shared_store, tmp_path):
+    store, client = shared_store
+    layers = {"conv1d": 5e-4, "conv1d_1": 0.02, "dense": 0.5}
+    data = analysis.load_search(_custom_search(client, "conv", layers), store)
+    gradients = analysis.gradient_findings(data)
+    assert gradients[0] == (
+        "Gradients, the first layer's gradient norm was 1e+03× smaller than the last layer's at the last epoch "
+        "(median ratio 0.001 over 12 trial(s)) — vanishing."
+    )
+    assert gradients[1].startswith("Dead units: none")
+    assert analysis.plot_gradient_norms(data, tmp_path) == tmp_path / "gradient_norm_by_layer.png"
+
+
+def test_without_the_diagnostics_ratio_layers_are_ordered_by_name(shared_store):
+    store, client = shared_store
+    # Logged out of order on purpose; the names say conv2d comes first and the output last.
+    layers = {"dense_1": 0.5, "conv2d_1": 0.01, "dense": 0.1, "conv2d": 1e-4}
+    data = analysis.load_search(_custom_search(client, "conv-no-ratio", layers, ratio=False), store)
+    assert analysis.gradient_layers(data.table) == [f"grad_norm/{n}" for n in ("conv2d", "conv2d_1", "dense", "dense_1")]
+    gradients = analysis.gradient_findings(data)
+    assert "median ratio 0.0002 over 12 trial(s); first and last layer by name: conv2d and dense_1) — vanishing" in gradients[0]
+
+
+def test_layer_order_reads_keras_names():
+    names = ["output", "dense_10", "dense_2", "dense_0", "embedding", "separable_conv2d", "branch_a", "logits_1"]
+    assert sorted(names, key=analysis.layer_order) == [
+        "embedding",
+        "separable_conv2d",
+        "branch_a",
+        "dense_0",
+        "dense_2",
+        "dense_10",
+        "logits_1",
+        "output",
+    ]
+
+
+def test_regularization_knobs_are_found_by_name(shared_store):
+    import pandas as pd
+
+    table = pd.DataFrame({"status": "FINISHED", "objective": [0.1, 0.2]})
+    names = ["l2", "kernel_l2", "conv_l1", "l1_penalty", "l2_units", "gl2", "l2norm_type"]
+    for n in names:
+        table[n] = [0.0, 1.0] if n != "l2norm_type" else ["a", "b"]
+    data = analysis.SearchData("t", "p", "val_loss", "min", table, names)
+    assert analysis.regularization_knobs(data) == ["l2", "kernel_l2", "conv_l1", "l1_penalty"]
+
+
+@pytest.mark.parametrize(
+    ("metric", "stored", "expected"),
+    [
+        ("val_accuracy", None, "max"),
+        ("val_mae", None, "min"),
+        ("val_mean_squared_error", None, "min"),
+        ("val_loss", None, "min"),
+        ("val_auc", None, "max"),
+        ("weighted_precision", None, "max"),
+        ("val_my_error", None, "min"),
+        ("val_my_score", None, "max"),
+        ("val_mae", "max", "max"),  # a direction stored with the search wins
+        ("val_accuracy", "min", "min"),
+    ],
+)
+def test_metric_direction_is_one_rule(metric, stored, expected):
+    assert analysis.metric_direction(metric, stored) == expected
+
+
+def test_metric_direction_is_the_cards_rule_unless_the_search_stored_one():
+    from toolkit.config import objective_direction
+
+    for metric in ("val_mae", "val_loss", "val_accuracy", "val_auc", "val_my_score"):
+        assert analysis.metric_direction(metric) == objective_direction(metric)
+    assert analysis.metric_direction("val_mae", "max") == "max"
+
+
+def test_a_search_with_a_min_objective_and_no_direction_tag_ranks_low_first(shared_store):
+    store, client = shared_store
+    exp_id = client.create_experiment("mae")
+    parent = client.create_run(exp_id, tags={"toolkit.role": "search", "toolkit.objective": "val_mae"})
+    for trial_id, width in enumerate((4, 8, 16)):
+        curve = np.linspace(1.0, 1.0 / width, EPOCHS)
+        _log_trial(client, exp_id, parent.info.run_id, trial_id, {"width": width}, {"val_mae": curve}, {})
+    data = analysis.load_search(parent.info.run_id, store)
+    assert data.direction == "min"
+    assert analysis.best_trial_finding(data)[0].startswith("Best: trial 2 (width=16) reached val_mae 0.0625")

@@ -155,7 +155,9 @@ def test_a_builder_that_raises_fails_its_trial_and_the_search_goes_on(tmp_path, 
 
 def test_python_door_accepts_a_reference_string(tmp_path, store, mlflow_client):
     _card(tmp_path, "models/net.py:build")
-    cfg = load_config("quickstart", ["tuner.max_trials=1", "train.epochs=1", "tracking.log_model=false"], experiments_dir=ROOT / "experiments")
+    cfg = load_config(
+        "quickstart", ["tuner.max_trials=1", "train.epochs=1", "tracking.log_model=false"], experiments_dir=ROOT / "experiments"
+    )
     cfg.tracking.report = False
     run_search(cfg, hypermodel=f"{tmp_path / 'models' / 'net.py'}:build")
     _, trials = _runs(mlflow_client, "quickstart")

@@ -139,6 +139,26 @@ def test_best_model_is_logged_once_on_the_parent_and_registered_as_champion(cham
     assert 0 < parent.data.metrics["model_log_seconds"] < 30
 
 
+def test_champion_lives_in_the_searchs_experiment_and_beside_its_store(champion_search):
+    # Copying the store folder must carry the models: nothing in experiment 0 or ./mlruns.
+    _, _, client, _, store = champion_search
+    parents, _ = runs_by_role(client, "quickstart")
+    parent = parents[0]
+    version = client.get_model_version_by_alias("quickstart", "champion")
+    model = client.get_logged_model(parent.outputs.model_outputs[0].model_id)
+    assert version.source == f"models:/{model.model_id}"
+    assert model.experiment_id == parent.info.experiment_id != "0"
+    assert model.source_run_id == parent.info.run_id
+    assert str(model.status).endswith("READY")
+    assert model.params["tuner.algorithm"]  # the run's params, as Model.log copies them
+    download = client.get_model_version_download_uri("quickstart", version.version)
+    for uri in (model.artifact_location, download):
+        location = Path(uri.removeprefix("file://"))
+        assert location.is_relative_to(store.resolve()), uri
+        assert (location / "MLmodel").is_file()
+    assert not (Path.cwd() / "mlruns" / "0" / "models" / model.model_id).exists()
+
+
 def test_champion_predicts_from_raw_features(champion_search, monkeypatch):
     import mlflow.pyfunc
 

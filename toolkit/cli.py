@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--role", choices=["chief", "worker"], help="for searches across hosts: this process's role")
     tune.add_argument("--bind", metavar="HOST:PORT", help="chief: the address the oracle listens on")
     tune.add_argument("--oracle", metavar="HOST:PORT", help="worker: the chief's oracle address")
+    tune.add_argument(
+        "--token-file", metavar="PATH", help="chief and worker: a 0600 file with the oracle's token (else $TOOLKIT_ORACLE_TOKEN)"
+    )
+    tune.add_argument("--insecure", action="store_true", help="chief: serve a non-loopback address without a token")
+    tune.add_argument("--tls-cert", metavar="PEM", help="chief: its TLS certificate chain (with --tls-key)")
+    tune.add_argument("--tls-key", metavar="PEM", help="chief: its TLS private key")
+    tune.add_argument("--tls-ca", metavar="PEM", help="worker: the CA that signed the chief's TLS certificate")
     tune.add_argument("--verbose", action="store_true", help="show TensorFlow's and KerasTuner's own output")
 
     validate = sub.add_parser("validate", help="check a card and print the resolved config (no TensorFlow import)")
@@ -138,7 +145,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from toolkit.strategy import check_available
 
     check_available(cfg.strategy)  # no TPU, no TF_CONFIG: said within a second, before TensorFlow loads
+    if args.role != "worker" and os.environ.get("KERASTUNER_TUNER_ID", "chief") == "chief":
+        # An unwritable or unreachable store, said within seconds instead of after MLflow's
+        # minutes of retries. Workers skip it: the chief's private server may still be starting.
+        from toolkit import tracking
+
+        tracking.check_store(tracking.tracking_uri(cfg), field="tracking.uri" if cfg.tracking.uri else "MLFLOW_TRACKING_URI")
     _quiet_tensorflow(args.verbose)
+    from toolkit.security import has_credentials
+
+    if has_credentials(cfg.tracking.uri) or has_credentials(os.environ.get("MLFLOW_TRACKING_URI")):
+        # MLflow prints a "View run at" link to each run it closes, built from the tracking URI.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     if (
         args.workers or args.role or os.environ.get("KERASTUNER_ORACLE_IP")
     ):  # KerasTuner's own variables also make a chief or worker
@@ -158,6 +176,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     cfg = load_config(args.exp, args.overrides)
+    from toolkit import tracking
+
+    # Reading never creates a store: a missing one is said as such, and no empty file is left.
+    tracking.check_store(
+        tracking.tracking_uri(cfg), field="tracking.uri" if cfg.tracking.uri else "MLFLOW_TRACKING_URI", must_exist=True
+    )
     _quiet_tensorflow(True)
     from toolkit import analysis
 
@@ -177,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_redact(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         exp = getattr(args, "exp", "")
@@ -192,8 +216,15 @@ def main(argv: list[str] | None = None) -> int:
         from toolkit.data import DatasetUnavailable
 
         kind = "" if isinstance(exc, DatasetUnavailable) else f"{type(exc).__name__}: "
-        print(f"error: {kind}{exc}", file=sys.stderr)
+        print(f"error: {kind}{_redact(str(exc))}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _redact(text: str) -> str:
+    """``text`` with any credentials in the URIs it quotes stripped (an error may name the tracking URI)."""
+    from toolkit.security import redact_uri
+
+    return redact_uri(text)
 
 
 def entrypoint() -> None:

@@ -336,6 +336,17 @@ class TrackingConfig(_Section):
     register_model: bool = True
     report: bool = True
 
+    @field_validator("experiment")
+    @classmethod
+    def _safe_experiment(cls, value: str | None) -> str | None:
+        # It names a folder under the store (the tuner's state, reports): no '/', '..' or absolute path.
+        if value is not None and not NAME_PATTERN.fullmatch(value):
+            raise ValueError(
+                "experiment must be 1-100 characters of letters, digits, '_', '-' or '.', "
+                f"starting with a letter or digit. Received: {value!r}"
+            )
+        return value
+
 
 class ModelConfig(_Section):
     """Which model the trials train: a shipped family, or the user's own builder."""

@@ -129,7 +129,9 @@ def _browse_hint() -> str:
     """How to open the UI over the store this search wrote to."""
     import os
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    from toolkit.security import redact_uri
+
+    uri = redact_uri(os.environ.get("MLFLOW_TRACKING_URI", ""))  # never print a password
     if uri.startswith(("http://", "https://")):
         return f"Browse: {uri}"
     if uri and uri != "sqlite:///mlruns/mlflow.db" and not uri.endswith("/mlruns/mlflow.db"):

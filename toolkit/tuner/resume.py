@@ -44,8 +44,16 @@ def _file_sha256(path: Path) -> str:
 
 
 def project_dir(uri: str, cfg: ExperimentConfig) -> Path:
-    """Where KerasTuner keeps this card's state: a stable path under the store, for resume."""
-    return tracking.store_dir(uri) / "tuner" / cfg.name
+    """Where KerasTuner keeps this card's state: a stable path under the store, for resume.
+
+    A card tracked in another experiment (``tracking.experiment``) gets a folder of its own, so
+    it starts its own search there and never adopts the other experiment's parent run.
+    """
+    base = tracking.store_dir(uri) / "tuner"
+    experiment = cfg.tracking.experiment
+    if experiment and experiment != cfg.name:
+        return base / experiment / cfg.name
+    return base / cfg.name
 
 
 def _read_state(path: Path) -> dict[str, Any]:

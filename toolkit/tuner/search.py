@@ -17,6 +17,7 @@ from toolkit import models, tracking
 from toolkit.config import ConfigError, ExperimentConfig
 from toolkit.data import Dataset, load_dataset, make_pipeline
 from toolkit.strategy import StrategyInfo, make_strategy
+from toolkit.tuner.lock import SearchLock
 from toolkit.tuner.results import SearchResult, TrialResult, _all_trials, _best, _failure_reason, trials_rows
 from toolkit.tuner.resume import _read_state, project_dir, search_id
 from toolkit.tuner.tracked import prune_checkpoints, tracked_tuner
@@ -50,6 +51,7 @@ def run_search(
     parent_run_id: str | None = None,
     serve: Callable[[Any, tracking.SearchTracker], None] | None = None,
     hypermodel: Any = None,
+    oracle: str | None = None,
 ) -> SearchResult:
     """Run (or resume) the search a card describes, tracked in MLflow.
 
@@ -69,12 +71,15 @@ def run_search(
             ``build(hp) -> keras.Model``, a ``kt.HyperModel`` subclass or instance, or a reference
             ``"file.py:build"`` / ``"package.module:build"``. A model it returns uncompiled is
             compiled with the card's optimizer, learning-rate and L1/L2 space. Defaults to None.
+        oracle: A distributed chief's oracle address, which a second command of the same card
+            is told so that it can join as a worker. Defaults to None.
 
     Returns:
         The search's trials, best trial and run ids.
 
     Raises:
-        ConfigError: For a bad card, bad data or a builder that cannot be resolved, before any run is created.
+        ConfigError: For a bad card, bad data or a builder that cannot be resolved, before any run is
+            created; :class:`~toolkit.tuner.lock.SearchRunning` when this card's search already runs on this store.
     """
     started = time.perf_counter()
     uri = uri or tracking.tracking_uri(cfg)
@@ -97,6 +102,25 @@ def run_search(
         return join_search(cfg, dataset, info, parent_run_id, uri, workdir or project_dir(uri, cfg), on_trial, model)
 
     workdir = workdir or project_dir(uri, cfg)
+    # One search per card per store: a second command of this card exits 2 naming the first,
+    # before it could delete a live folder or share its parent run.
+    with SearchLock(workdir, cfg.name).acquire(oracle=oracle):
+        return _search(cfg, dataset, info, model, uri, workdir, fresh, on_trial, serve, started)
+
+
+def _search(
+    cfg: ExperimentConfig,
+    dataset: Dataset,
+    info: StrategyInfo,
+    model: Any,
+    uri: str,
+    workdir: Path,
+    fresh: bool,
+    on_trial: Callable[[TrialResult], None] | None,
+    serve: Callable[[Any, tracking.SearchTracker], None] | None,
+    started: float,
+) -> SearchResult:
+    """The search itself, run while this process holds the card's lock (see :func:`run_search`)."""
     state_file = workdir / "toolkit_search.json"
     sid = search_id(cfg)
     state = _read_state(state_file)

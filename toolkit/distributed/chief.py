@@ -1,0 +1,197 @@
+"""The chief: the search's parent run and the oracle served to the workers until they finish."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from toolkit import tracking
+from toolkit import tuner as tuning
+from toolkit.config import ExperimentConfig
+from toolkit.distributed.address import (
+    DEFAULT_WORKER_LEASE,
+    ENV_ORACLE_IP,
+    ENV_ORACLE_PORT,
+    ENV_TUNER_ID,
+    ENV_WORKER_LEASE,
+    Address,
+    _env_seconds,
+)
+from toolkit.distributed.auth import ServerTLS
+from toolkit.distributed.servicer import OracleServer, Status, _Servicer
+
+if TYPE_CHECKING:
+    from toolkit.distributed.launcher import LocalWorkers
+
+log = logging.getLogger(__name__)
+
+
+class Chief:
+    """Serves the oracle in place of ``tuner.search`` (the ``serve`` hook of :func:`tuning.run_search`).
+
+    Args:
+        bind: Where the oracle listens.
+        on_trial: Called with each trial that reached its final status.
+        workers: Local worker processes to watch: one that exits early is written off at once.
+            Defaults to none (workers on other hosts join by themselves and are leased).
+        lease: Seconds without a heartbeat after which a worker is written off. Defaults to
+            ``TOOLKIT_WORKER_LEASE`` or 30.
+        server: An :class:`OracleServer` already bound (local mode binds before it starts its
+            workers). Defaults to one made here on ``bind``.
+        token: The token every RPC must carry. Defaults to None (``--insecure``).
+        tls: The chief's certificate and key. Defaults to None (plain TCP).
+    """
+
+    def __init__(
+        self,
+        bind: Address,
+        on_trial: Callable[[tuning.TrialResult], None] | None = None,
+        workers: LocalWorkers | None = None,
+        lease: float | None = None,
+        *,
+        server: OracleServer | None = None,
+        token: str | None = None,
+        tls: ServerTLS | None = None,
+    ) -> None:
+        self.bind = bind
+        self.on_trial = on_trial
+        self.workers = workers
+        self.lease = lease or _env_seconds(ENV_WORKER_LEASE, DEFAULT_WORKER_LEASE)
+        self.server = server or OracleServer(None, bind, token=token, tls=tls)
+        self.lost: dict[str, str] = {}
+
+    def __call__(self, tuner: Any, tracker: tracking.SearchTracker) -> None:
+        oracle = tuner.oracle
+        oracle.verbose = 0  # progress comes from on_trial, not KerasTuner's tables
+        tuner.save()  # as KerasTuner's search does before serving
+        # MLflow creates a dataset's row on first use, check-then-insert: two workers starting
+        # their first trials together can both insert, and one fails on the UNIQUE constraint.
+        # Logged here first, on the parent, the rows exist before any worker can start a trial.
+        tracker.log_datasets(tracker.parent_run_id, tuner.dataset)
+        # No credentials in the hello: workers log where their own settings say, and use the
+        # folder only when it lies under their own store.
+        hello = {
+            "parent_run_id": tracker.parent_run_id,
+            "search_id": tuning.search_id(tracker.cfg),
+            "workdir": str(Path(tuner.project_dir).resolve()),
+        }
+        finished = False
+        # KerasTuner 1.4.8 prints a conditional parameter's value each time it serializes one (a
+        # stray print in conditions.Parent.to_proto), i.e. on gRPC answers. Progress goes to
+        # stderr, so stdout is muted while serving.
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            try:
+                port = self.server.start(oracle, hello)
+                address = Address(self.bind.host, port)
+                tracker.client.set_tag(tracker.parent_run_id, "toolkit.oracle", address.target)
+                log.info("the oracle serves on %s; parent run %s", address, tracker.parent_run_id)
+                self._serve(tuner, tracker)
+                finished = True
+            finally:
+                # After a finished search the workers leave by themselves (TensorFlow takes
+                # seconds to shut down): the caller waits for them while the search is summarized.
+                if self.workers is not None and not finished:
+                    self.workers.stop()
+                self.server.stop()
+        if self.server.servicer.failure is not None:
+            # run_search reports KerasTuner's "consecutive failures" as the search's stop reason.
+            raise self.server.servicer.failure
+        completed = {tid for tid, t in oracle.trials.items() if t.status == Status.COMPLETED}
+        tracker.close_stale_trials(completed)  # a worker lost after its trial ended left the run open
+
+    def _serve(self, tuner: Any, tracker: tracking.SearchTracker) -> None:
+        servicer = self.server.servicer
+        while True:
+            if self.workers is not None:
+                for tuner_id, code in self.workers.exited():
+                    if code != 0:
+                        self._lose(servicer, tracker, tuner_id, f"exited with code {code}")
+            for tuner_id in servicer.expired(self.lease):
+                self._lose(servicer, tracker, tuner_id, f"sent no heartbeat for {self.lease:g}s ({ENV_WORKER_LEASE})")
+            self._report(servicer, tuner)
+            if servicer.done():
+                break
+            if self.workers is not None and self.workers.all_exited():
+                raise RuntimeError(
+                    f"all {self.workers.n} local workers stopped before the search finished; their errors are above"
+                )
+            time.sleep(0.25)
+        self._report(servicer, tuner)
+
+    def _report(self, servicer: _Servicer, tuner: Any) -> None:
+        if self.on_trial is None:
+            servicer.take_ended()
+            return
+        objective = tuner.oracle.objective.name
+        for ended in servicer.take_ended():
+            trial = ended.trial
+            status = tuning.STATUS.get(trial.status, "FAILED")
+            metrics, best_epoch = tuning._trial_metrics(trial, objective)
+            failure = tuning._failure_reason(trial.message) if status != "FINISHED" else None
+            self.on_trial(
+                tuning.TrialResult(
+                    trial.trial_id, status, dict(trial.hyperparameters.values), metrics, best_epoch, ended.seconds, failure
+                )
+            )
+
+    def _lose(self, servicer: _Servicer, tracker: tracking.SearchTracker, tuner_id: str, why: str) -> None:
+        reason = f"worker {tuner_id} {why}"
+        trial = servicer.reclaim(tuner_id, reason)
+        self.lost[tuner_id] = why
+        if trial is None:
+            log.warning("%s; it held no trial", reason)
+            return
+        retried = trial.status == Status.INVALID
+        outcome = (
+            "the oracle hands the trial to another worker"
+            if retried
+            else "the trial is FAILED (no retries left: tuner.max_retries_per_trial)"
+        )
+        log.warning("%s during trial %s; %s", reason, trial.trial_id, outcome)
+        for run in tracker.trial_runs(status="RUNNING"):
+            tags = run.data.tags
+            if tags.get("toolkit.trial_id") == trial.trial_id and tags.get("toolkit.worker") == tuner_id:
+                tracker.end_trial(
+                    run.info.run_id, "KILLED" if retried else "FAILED", failure=f"{reason} during this trial; {outcome}"
+                )
+
+
+def run_chief(
+    cfg: ExperimentConfig,
+    bind: Address,
+    *,
+    fresh: bool = False,
+    uri: str | None = None,
+    workdir: Path | None = None,
+    on_trial: Callable[[tuning.TrialResult], None] | None = None,
+    workers: LocalWorkers | None = None,
+    server: OracleServer | None = None,
+    token: str | None = None,
+    tls: ServerTLS | None = None,
+) -> tuning.SearchResult:
+    """Run the chief: create (or resume) the search's parent run and serve the oracle until the workers finish.
+
+    Args:
+        cfg: The validated card.
+        bind: Where the oracle listens (port 0: a free port).
+        fresh: Start a new search instead of resuming. Defaults to False.
+        uri: The tracking URI. Defaults to :func:`toolkit.tracking.tracking_uri`.
+        workdir: KerasTuner's project folder. Defaults to :func:`toolkit.tuner.project_dir`.
+        on_trial: Called with each trial that reached its final status.
+        workers: Local workers (already started) to watch. Defaults to none.
+        server: The oracle's server, already bound on ``bind``. Defaults to one made on ``bind``.
+        token: The token every RPC must carry. Defaults to None (``--insecure``).
+        tls: The chief's certificate and key. Defaults to None (plain TCP).
+
+    Returns:
+        The search, summarized after the last worker left.
+    """
+    # KerasTuner reads these when the tuner is built: the chief keeps the real oracle and saves it.
+    os.environ.update({ENV_TUNER_ID: "chief", ENV_ORACLE_IP: bind.host, ENV_ORACLE_PORT: str(bind.port)})
+    chief = Chief(bind, on_trial=on_trial, workers=workers, server=server, token=token, tls=tls)
+    return tuning.run_search(cfg, fresh=fresh, uri=uri, workdir=workdir, serve=chief)
