@@ -17,7 +17,7 @@ SET_ARGS := $(foreach kv,$(SET),--set $(kv))
 WORKER_ARGS := $(if $(filter-out 0,$(WORKERS)),--workers $(WORKERS),)
 
 .DEFAULT_GOAL := help
-.PHONY: help install tune validate ui serve test test-all lint format bench clean
+.PHONY: constraints help install tune validate ui serve test test-all lint format bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -29,10 +29,10 @@ install: $(STAMP) ## create .venv with the project and its dev extras (GPU=1: CU
 # tensorflow-cpu and tensorflow install into the same package folder, so both are uninstalled
 # before either is installed (uninstalling one would delete files of the other), and the CUDA
 # build gets the same version as the CPU build that pyproject.toml resolved to.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev]" -c constraints.txt
 	@version=$$($(BIN)/python -c "from importlib.metadata import version; print(version('tensorflow-cpu'))"); \
 	if [ "$(GPU)" = "1" ]; then \
 	  echo "installing tensorflow[and-cuda]==$$version in place of tensorflow-cpu"; \
@@ -44,6 +44,9 @@ $(STAMP): pyproject.toml
 	  $(BIN)/python -m pip install --quiet "tensorflow-cpu==$$version"; fi
 	@rm -f $(VENV)/.installed $(VENV)/.installed-cuda
 	@touch $(STAMP)
+
+constraints: install ## re-pin constraints.txt to what .venv holds now (after a tested upgrade)
+	@{ sed -n '1,2p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v '@ file'; } > constraints.tmp && mv constraints.tmp constraints.txt
 
 tune: install ## run a search: make tune EXP=quickstart [SET="train.epochs=5"] [WORKERS=2]
 	$(BIN)/toolkit tune $(EXP) $(SET_ARGS) $(WORKER_ARGS)

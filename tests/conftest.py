@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings as hypothesis_settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Hypothesis keeps its example database and caches outside the checkout: a test run writes
+# nothing there.
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "toolkit-hypothesis")
+hypothesis_settings.register_profile("toolkit", database=None)
+hypothesis_settings.load_profile("toolkit")
 
 
 @pytest.fixture(autouse=True)

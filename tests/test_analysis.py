@@ -81,6 +81,8 @@ def shared_store(tmp_path_factory: pytest.TempPathFactory):
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
+        # Experiments made here keep MLflow's default artifact root (./mlruns): the tmp folder.
+        patch.chdir(folder)
         yield uri, MlflowClient(tracking_uri=uri)
 
 

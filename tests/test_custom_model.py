@@ -231,3 +231,19 @@ def test_a_regression_search_on_val_mae_crowns_the_lowest_mae(tmp_path, store, m
         for metric in ("mae", "val_mae"):
             history = [m.value for m in mlflow_client.get_metric_history(trial.info.run_id, metric)]
             assert trial.data.metrics[f"best_{metric}"] == pytest.approx(min(history))
+
+
+@pytest.mark.slow
+def test_two_workers_load_the_same_builder(tmp_path, store, mlflow_client):
+    card = _card(tmp_path, "models/net.py:build", "tuner: {max_trials: 4}", name="workers")
+    cmd = [PYTHON, "-m", "toolkit.cli", "tune", str(card), "--workers", "2", "--set", "train.epochs=1"]
+    cmd += ["--set", "tracking.log_model=false", "--set", "train.diagnostics=false"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KERASTUNER_")}
+    env.update({"MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    parents, trials = _runs(mlflow_client, "workers")
+    assert len(parents) == 1 and sorted(t.data.tags["toolkit.trial_id"] for t in trials) == ["0", "1", "2", "3"]
+    assert {t.info.status for t in trials} == {"FINISHED"}
+    assert len({t.data.tags["toolkit.worker"] for t in trials}) == 2
+    assert all({"filters", "branch_units"} <= set(t.data.params) for t in trials)
