@@ -100,6 +100,13 @@ def test_a_leftover_empty_database_file_is_replaced_by_a_complete_store(tmp_path
     assert MlflowClient(tracking_uri=f"sqlite:///{db}").create_experiment("after")
 
 
+def test_a_new_store_is_private_to_the_user(tmp_path):
+    db = tmp_path / "new" / "mlflow.db"
+    ensure_store(f"sqlite:///{db}")
+    assert db.stat().st_mode & 0o777 == 0o600
+    assert db.parent.stat().st_mode & 0o077 == 0
+
+
 @pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs Linux's /proc")
 def test_an_unwritable_sqlite_store_is_refused_at_once_naming_it():
     started = time.monotonic()

@@ -233,13 +233,15 @@ def ensure_store(uri: str) -> None:
     path = sqlite_path(uri)
     if path is None or _store_ready(path):
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # A store the toolkit creates is private to the user: its folder 0700, its database 0600.
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with _file_lock(path.with_name(path.name + ".lock")):
         if _store_ready(path):  # another process made it while this one waited
             return
         scratch = path.with_name(f".{path.name}.{os.getpid()}.new")
         try:
             _build_schema(scratch, path.parent)
+            os.chmod(scratch, 0o600)
             os.replace(scratch, path)
         finally:
             scratch.unlink(missing_ok=True)
