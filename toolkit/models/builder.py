@@ -32,8 +32,7 @@ import keras_tuner as kt
 
 from toolkit import space as blocks
 from toolkit.config import ConfigError, SpaceConfig, TrainConfig, locate_builder, split_builder_reference
-from toolkit.models.execution import auto_jit_compile, auto_steps_per_execution
-from toolkit.strategy import steps_per_execution_for
+from toolkit.models.execution import compile_settings, task_loss
 
 FIELD = "model.builder"
 
@@ -212,19 +211,8 @@ class CardCompiled(kt.HyperModel):
                 if kernel is not None and getattr(kernel, "trainable", False):
                     kernel.regularizer = regularizer
         optimizer = blocks.optimizer(hp, self.space)
-        if self.task == "classification":
-            loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]
-        else:
-            loss, metrics = "mse", ["mae"]
-        model.compile(
-            optimizer=optimizer,
-            loss=loss,
-            metrics=metrics,
-            steps_per_execution=steps_per_execution_for(
-                auto_steps_per_execution(self.n_train, self.train.batch_size, self.train.steps_per_execution)
-            ),
-            jit_compile=auto_jit_compile(model.count_params(), self.train.jit_compile),
-        )
+        loss, metrics = task_loss(self.task)
+        model.compile(optimizer=optimizer, loss=loss, metrics=metrics, **compile_settings(model, self.train, self.n_train))
 
     def fit(self, hp: kt.HyperParameters, model: keras.Model, *args: Any, **kwargs: Any) -> Any:
         return self.inner.fit(hp, model, *args, **kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 
 def auto_steps_per_execution(n_train: int, batch_size: int, setting: int | str = "auto") -> int:
@@ -31,3 +32,25 @@ def auto_jit_compile(params_estimate: int, setting: bool | str = "auto") -> bool
     if setting != "auto":
         return bool(setting)
     return params_estimate >= 1_000_000
+
+
+def task_loss(task: str) -> tuple[str, list[str]]:
+    """The loss and metrics every model of a task compiles with (so every task logs the same names)."""
+    if task == "classification":
+        return "sparse_categorical_crossentropy", ["accuracy"]
+    return "mse", ["mae"]
+
+
+def compile_settings(model: Any, train: Any, n_train: int) -> dict[str, Any]:
+    """``steps_per_execution`` and ``jit_compile`` for ``model.compile``, from the card and the sizes.
+
+    KerasTuner builds inside the strategy's scope, which decides how many steps can run per call.
+    """
+    from toolkit.strategy import steps_per_execution_for
+
+    return {
+        "steps_per_execution": steps_per_execution_for(
+            auto_steps_per_execution(n_train, train.batch_size, train.steps_per_execution)
+        ),
+        "jit_compile": auto_jit_compile(model.count_params(), train.jit_compile),
+    }

@@ -10,8 +10,7 @@ import numpy as np
 
 from toolkit import space as blocks
 from toolkit.config import SpaceConfig, TrainConfig
-from toolkit.models.execution import auto_jit_compile, auto_steps_per_execution
-from toolkit.strategy import steps_per_execution_for
+from toolkit.models.execution import compile_settings, task_loss
 
 
 class MLPHyperModel(kt.HyperModel):
@@ -117,7 +116,6 @@ class MLPHyperModel(kt.HyperModel):
         # The output layer stays float32 under mixed precision for a stable softmax and loss.
         if self.task == "classification":
             outputs = keras.layers.Dense(self.n_classes, activation="softmax", dtype="float32", name="output")(x)
-            loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]
         else:
             dense = keras.layers.Dense(1, dtype="float32", name="output_dense")(x)
             # The network predicts a standardized target and this layer puts it back in the
@@ -126,19 +124,9 @@ class MLPHyperModel(kt.HyperModel):
             mean, std = self.target_stats
             rescaled = keras.layers.Rescaling(scale=std, offset=mean, dtype="float32", name="unstandardize")(dense)
             outputs = keras.layers.Reshape((), dtype="float32", name="output")(rescaled)
-            loss, metrics = "mse", ["mae"]
         model = keras.Model(inputs, outputs, name="mlp")
-        n_params = model.count_params()
-        model.compile(
-            optimizer=optimizer,
-            loss=loss,
-            metrics=metrics,
-            # KerasTuner builds inside the strategy's scope, which decides how many steps can run per call.
-            steps_per_execution=steps_per_execution_for(
-                auto_steps_per_execution(self.n_train, self.train.batch_size, self.train.steps_per_execution)
-            ),
-            jit_compile=auto_jit_compile(n_params, self.train.jit_compile),
-        )
+        loss, metrics = task_loss(self.task)
+        model.compile(optimizer=optimizer, loss=loss, metrics=metrics, **compile_settings(model, self.train, self.n_train))
         return model
 
 
