@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code."""
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
+    if hasattr(signal, "SIGHUP"):  # a closed terminal or a dropped SSH session: stop and clean up as for SIGTERM
+        signal.signal(signal.SIGHUP, _interrupt)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)

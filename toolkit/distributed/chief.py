@@ -23,7 +23,7 @@ from toolkit.distributed.address import (
     _env_seconds,
 )
 from toolkit.distributed.auth import ServerTLS
-from toolkit.distributed.servicer import OracleServer, Status, _Servicer
+from toolkit.distributed.servicer import OracleServer, Status, _locked, _Servicer
 
 if TYPE_CHECKING:
     from toolkit.distributed.launcher import LocalWorkers
@@ -68,6 +68,7 @@ class Chief:
     def __call__(self, tuner: Any, tracker: tracking.SearchTracker) -> None:
         oracle = tuner.oracle
         oracle.verbose = 0  # progress comes from on_trial, not KerasTuner's tables
+        _drop_ended_retries(oracle)
         tuner.save()  # as KerasTuner's search does before serving
         # MLflow creates a dataset's row on first use, check-then-insert: two workers starting
         # their first trials together can both insert, and one fails on the UNIQUE constraint.
@@ -95,9 +96,13 @@ class Chief:
             finally:
                 # After a finished search the workers leave by themselves (TensorFlow takes
                 # seconds to shut down): the caller waits for them while the search is summarized.
+                if not finished and self.server.servicer is not None:
+                    self.server.servicer.stopping = True  # before any worker is stopped: none takes a new trial
                 if self.workers is not None and not finished:
                     self.workers.stop()
                 self.server.stop()
+                with contextlib.suppress(Exception), _locked(oracle):
+                    oracle.save()  # what the workers ended last, and no trial left "ongoing" that ended
         if self.server.servicer.failure is not None:
             # run_search reports KerasTuner's "consecutive failures" as the search's stop reason.
             raise self.server.servicer.failure
@@ -161,6 +166,23 @@ class Chief:
                 )
 
 
+def _drop_ended_retries(oracle: Any) -> None:
+    """On resume, keep out of the retry queue the trials that already ended.
+
+    KerasTuner's reload queues every trial its ``oracle.json`` lists as ongoing for a retry, and an
+    older chief (or one killed between KerasTuner's save and its own) can leave an ended trial
+    listed: it would run again and be FINISHED twice.
+    """
+    queue = getattr(oracle, "_retry_queue", None)
+    if not queue:
+        return
+    ended = (Status.COMPLETED, Status.FAILED)
+    kept = [tid for tid in queue if tid not in oracle.trials or oracle.trials[tid].status not in ended]
+    if len(kept) != len(queue):
+        log.info("not rerunning %d trial(s) that had already ended", len(queue) - len(kept))
+        queue[:] = kept
+
+
 def run_chief(
     cfg: ExperimentConfig,
     bind: Address,
@@ -194,4 +216,5 @@ def run_chief(
     # KerasTuner reads these when the tuner is built: the chief keeps the real oracle and saves it.
     os.environ.update({ENV_TUNER_ID: "chief", ENV_ORACLE_IP: bind.host, ENV_ORACLE_PORT: str(bind.port)})
     chief = Chief(bind, on_trial=on_trial, workers=workers, server=server, token=token, tls=tls)
-    return tuning.run_search(cfg, fresh=fresh, uri=uri, workdir=workdir, serve=chief)
+    # The search's lock names this address, so a second command of the card is told how to join.
+    return tuning.run_search(cfg, fresh=fresh, uri=uri, workdir=workdir, serve=chief, oracle=f"{bind.host}:{bind.port}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ from toolkit import tuner as tuning
 from toolkit.config import ExperimentConfig
 from toolkit.distributed.address import ENV_ORACLE_IP, ENV_ORACLE_PORT, ENV_ORACLE_TIMEOUT, ENV_TUNER_ID, Address
 from toolkit.distributed.chief import run_chief
-from toolkit.distributed.processes import _cores, _relay, _stop_group
+from toolkit.distributed.processes import ENV_PARENT_PID, _cores, _die_with_parent, _relay, _stop_group
 from toolkit.distributed.server import TrackingServer
 from toolkit.distributed.servicer import OracleServer
 from toolkit.distributed.worker import ENV_WORKER_STORE, ENV_WORKER_URI
@@ -73,6 +74,7 @@ class LocalWorkers:
                 "MLFLOW_TRACKING_URI": uri,
                 ENV_WORKER_URI: uri,
                 "PYTHONUNBUFFERED": "1",
+                ENV_PARENT_PID: str(os.getpid()),  # the worker exits when this process is gone
             }
             if token:
                 env[ENV_TOKEN] = token
@@ -100,6 +102,8 @@ class LocalWorkers:
             if self.verbose:
                 cmd.append("--verbose")
             # A session of its own: Ctrl-C reaches only the launcher, which stops workers in order.
+            # It dies with the launcher all the same (SIGTERM from the kernel on Linux; elsewhere
+            # the worker watches its parent's pid).
             proc = subprocess.Popen(
                 cmd,
                 env=env,
@@ -107,6 +111,7 @@ class LocalWorkers:
                 stdout=subprocess.PIPE if self.verbose else subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
             self.procs[tuner_id] = proc
             for stream in (proc.stdout, proc.stderr):
@@ -137,12 +142,16 @@ class LocalWorkers:
         deadline = time.monotonic() + 60
         if not graceful:
             self._stopping.set()  # "interrupted: ..." from each worker would only repeat the launcher's message
+            for proc in self.procs.values():  # all at once: none takes a new trial while another stops
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGTERM)
         try:
+            terminated = time.monotonic() + 20  # the SIGTERMs above: runs are closed KILLED meanwhile
             for proc in self.procs.values():
-                if graceful:
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-                _stop_group(proc, grace=20)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=max(0.1, (deadline if graceful else terminated) - time.monotonic()))
+                _stop_group(proc, grace=20 if graceful else 2)
         except KeyboardInterrupt:  # interrupted while waiting: stop the rest at once
             for proc in self.procs.values():
                 _stop_group(proc, grace=5)

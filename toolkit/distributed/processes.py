@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from typing import IO
 
 from toolkit.security import redact_uri
@@ -19,6 +22,46 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+# The environment variable a local child reads its parent's pid from: it exits when that parent is gone.
+ENV_PARENT_PID = "TOOLKIT_PARENT_PID"
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Looked up here, in the parent: a child between fork and exec must not load libraries.
+_PRCTL = _load_prctl()
+
+
+def _die_with_parent() -> None:
+    """``preexec_fn`` of every child: on Linux the kernel sends it SIGTERM when its parent dies (even kill -9).
+
+    Children start in sessions of their own (a Ctrl-C reaches only their parent, which stops them
+    in order), so without this they would outlive a parent killed without cleanup. Elsewhere the
+    children watch their parent themselves (``ENV_PARENT_PID``; :func:`parent_gone`).
+    """
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def parent_gone(parent: int | None = None) -> bool:
+    """Whether the parent this process was started by (``ENV_PARENT_PID`` unless given) is gone."""
+    if parent is None:
+        raw = os.environ.get(ENV_PARENT_PID, "")
+        if not raw.isdigit():
+            return False
+        parent = int(raw)
+    return os.getppid() != parent
 
 
 def _free_port() -> int:

@@ -10,7 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from toolkit.distributed.processes import _free_port, _stop_group
+from toolkit.distributed.processes import _die_with_parent, _free_port, _stop_group
 
 
 class TrackingServer:
@@ -41,7 +41,11 @@ class TrackingServer:
         # One server process, and no job runner (MLflow 3 starts one by default, for GenAI jobs
         # a search never submits): the server is then the only writer of the SQLite file, and it
         # starts several times faster. No access log: one line per request is overhead.
+        # Under a guard that stops the server's whole process tree when this process dies, even by kill -9.
         cmd = [
+            sys.executable,
+            "-I",
+            str(Path(__file__).with_name("guard.py")),
             sys.executable,
             "-m",
             "mlflow",
@@ -62,7 +66,13 @@ class TrackingServer:
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         with open(self.log_path, "wb") as out:
             self._proc = subprocess.Popen(
-                cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                cmd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         self.uri = f"http://127.0.0.1:{port}"
         return self.uri

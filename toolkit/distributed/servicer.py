@@ -89,6 +89,7 @@ class _Servicer(oracle_chief.OracleServicer):
         self.retired: dict[str, set[str]] = {}
         self.failed_streak: dict[str, int] = {}  # tuner id → FAILED reports in a row
         self.banned: dict[str, str] = {}  # tuner id → why it was written off
+        self.stopping = False  # set when the chief stops (Ctrl-C, SIGTERM, an error): no new trial is handed out
         # Trials a previous chief left running (a resume): their clients are leased from now, so
         # one that never comes back has its trial written off instead of holding the search.
         now = time.monotonic()
@@ -152,6 +153,9 @@ class _Servicer(oracle_chief.OracleServicer):
         self._retire(trial.trial_id)
         try:
             self.oracle.end_trial(trial)
+            # KerasTuner saves before it drops the trial from ongoing_trials: saved as it is
+            # now, so a resume does not find the ended trial "ongoing" and run it again.
+            self.oracle.save()
         except RuntimeError as exc:
             # Too many consecutive failures: KerasTuner raised before it released the trial and
             # saved. Release and save, and hand every worker STOPPED from now on.
@@ -244,7 +248,7 @@ class _Servicer(oracle_chief.OracleServicer):
         self._seen(tuner_id)
         linger = False
         with _locked(self.oracle):
-            if self.failure is not None or tuner_id in self.banned:
+            if self.failure is not None or self.stopping or tuner_id in self.banned:
                 trial = trial_module.Trial(self.oracle.get_space(), status=Status.STOPPED)
                 self.oracle.tuner_ids.discard(tuner_id)
             else:

@@ -11,7 +11,9 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from toolkit.distributed.address import (
 )
 from toolkit.distributed.auth import META_HEARTBEAT, META_HELLO, META_TRIAL_KEY, ClientTLS, connect
 from toolkit.distributed.checks import check_values
+from toolkit.distributed.processes import ENV_PARENT_PID, parent_gone
 from toolkit.security import redact_uri
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,56 @@ log = logging.getLogger(__name__)
 # whose folders they may share with the chief.
 ENV_WORKER_URI = "TOOLKIT_WORKER_TRACKING_URI"
 ENV_WORKER_STORE = "TOOLKIT_WORKER_STORE"
+
+CHIEF_GONE = "the chief is gone (its process died): this worker stopped; rerun the chief's command to resume"
+# Once the chief is gone, how long the worker may take to close its own runs before it exits anyway.
+FAREWELL = 8.0
+
+
+class ChiefGone(KeyboardInterrupt):
+    """The worker stops because its chief died; ``reason`` is what its open runs are closed with."""
+
+    reason = CHIEF_GONE
+
+
+_gone = threading.Event()
+
+
+def _leave_for_a_dead_chief() -> None:
+    """Stop this worker for good: its runs are closed KILLED with :data:`CHIEF_GONE`, quickly, and it exits."""
+    if _gone.is_set():
+        return
+    _gone.set()
+    os.environ["TOOLKIT_STOP_REASON"] = CHIEF_GONE  # read where the worker closes its runs (join_search)
+    # The chief's private tracking server dies with it: no minutes of MLflow retries.
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "3"
+
+    def _exit_anyway() -> None:
+        time.sleep(FAREWELL)
+        os._exit(130)
+
+    threading.Thread(target=_exit_anyway, name="farewell", daemon=True).start()
+
+
+def _parent_dies_soon(wait: float = 0.5) -> bool:
+    """Whether a local worker's launcher is gone, or goes within ``wait`` seconds (a SIGTERM from the
+    kernel can arrive a moment before this process sees its new parent)."""
+    if not os.environ.get(ENV_PARENT_PID, "").isdigit():
+        return False
+    deadline = time.monotonic() + wait
+    while not parent_gone():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    if _gone.is_set() or parent_gone() or (signum == signal.SIGTERM and _parent_dies_soon()):
+        _leave_for_a_dead_chief()
+        raise ChiefGone(CHIEF_GONE)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def handshake(
@@ -139,8 +192,16 @@ class _Heartbeat:
                     stub.GetSpace(protos.get_service().GetSpaceRequest(), metadata=meta, timeout=self.every)
                 except grpc.RpcError:
                     pass  # the worker's own next call to the chief reports a lost chief, with its deadline
-                if self._stop.wait(self.every):
-                    return
+                next_beat = time.monotonic() + self.every
+                while time.monotonic() < next_beat:
+                    if parent_gone():  # a local worker whose launcher died (the portable fallback)
+                        if not _gone.is_set():  # else the kernel's SIGTERM is already being handled
+                            log.warning("worker %s: the chief is gone; stopping", self.tuner_id)
+                            _leave_for_a_dead_chief()
+                            os.kill(os.getpid(), signal.SIGTERM)
+                        return
+                    if self._stop.wait(min(0.5, self.every)):
+                        return
         finally:
             channel.close()
 
@@ -176,7 +237,31 @@ class WorkerClient(oracle_client.OracleClient):
         key = self._keys.get(trial_id)
         return ((META_TRIAL_KEY, key),) if key else ()
 
+    def _lost(self, exc: grpc.RpcError) -> Exception:
+        """A readable error for a chief that stopped answering, else ``exc`` itself."""
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return ChiefUnreachable(f"worker {self.tuner_id} lost the chief's oracle: {_rpc_error(exc)}")
+        return exc
+
     def create_trial(self, tuner_id: str) -> Any:
+        try:
+            return self._create_trial(tuner_id)
+        except grpc.RpcError as exc:
+            raise self._lost(exc) from None
+
+    def update_trial(self, trial_id: str, metrics: dict[str, float], step: int = 0) -> Any:
+        try:
+            return self._update_trial(trial_id, metrics, step)
+        except grpc.RpcError as exc:
+            raise self._lost(exc) from None
+
+    def end_trial(self, trial: Any) -> None:
+        try:
+            self._end_trial(trial)
+        except grpc.RpcError as exc:
+            raise self._lost(exc) from None
+
+    def _create_trial(self, tuner_id: str) -> Any:
         response, call = self.stub.CreateTrial.with_call(
             protos.get_service().CreateTrialRequest(tuner_id=tuner_id), wait_for_ready=True, timeout=oracle_client.TIMEOUT
         )
@@ -186,7 +271,7 @@ class WorkerClient(oracle_client.OracleClient):
             self._keys[trial.trial_id] = key
         return trial
 
-    def update_trial(self, trial_id: str, metrics: dict[str, float], step: int = 0) -> Any:
+    def _update_trial(self, trial_id: str, metrics: dict[str, float], step: int = 0) -> Any:
         response = self.stub.UpdateTrial(
             protos.get_service().UpdateTrialRequest(trial_id=trial_id, metrics=metrics, step=step),
             metadata=self._key(trial_id),
@@ -195,7 +280,7 @@ class WorkerClient(oracle_client.OracleClient):
         )
         return trial_module.Trial.from_proto(response.trial)
 
-    def end_trial(self, trial: Any) -> None:
+    def _end_trial(self, trial: Any) -> None:
         self.stub.EndTrial(
             protos.get_service().EndTrialRequest(trial=trial.to_proto()),
             metadata=self._key(trial.trial_id),
@@ -306,6 +391,11 @@ def run_worker(
     # KerasTuner waits up to an hour on each call to the chief (oracle_client.TIMEOUT, read at call
     # time): bound it, so a worker whose chief died stops instead of hanging.
     oracle_client.TIMEOUT = timeout
+    # SIGTERM (and SIGHUP) from the kernel when a local launcher dies (PR_SET_PDEATHSIG), or from
+    # the heartbeat's own watch: the runs say the chief is gone, not "interrupted".
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(sig, _on_signal)
     beat = _Heartbeat(oracle, tuner_id, token=token, tls=tls)
     beat.start()
     try:

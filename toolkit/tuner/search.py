@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -247,8 +248,9 @@ def join_search(
         result.trials = list(tuner.results)
         result.best = _best(result.trials, cfg)  # not the oracle's word: the chief may be gone
         status = "FINISHED"
-    except KeyboardInterrupt:
-        status, reason = "KILLED", "the worker was interrupted (SIGINT or SIGTERM)"
+    except KeyboardInterrupt as exc:  # a worker whose chief died says so (toolkit.distributed.worker.ChiefGone)
+        why = getattr(exc, "reason", None) or os.environ.get("TOOLKIT_STOP_REASON")
+        status, reason = "KILLED", why or "the worker was interrupted (SIGINT or SIGTERM)"
         raise
     except BaseException as exc:
         reason = f"the worker failed: {type(exc).__name__}: {exc}"

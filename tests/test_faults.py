@@ -1,0 +1,175 @@
+"""Faults in a distributed search: every trial exactly once, and nothing outlives the chief.
+
+Real ``toolkit tune --workers 2`` processes over a SQLite store (so the chief runs its private
+``mlflow server``), read back with ``MlflowClient``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+
+import pytest
+from test_distributed import _alive, _descendants, _launch, _mid_trial, _search, _tune
+
+from toolkit import distributed
+from toolkit.distributed import processes
+from toolkit.distributed.servicer import Status, _Servicer
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory):
+    """One real ``mlflow server`` over SQLite for the tests that watch a search live."""
+    root = tmp_path_factory.mktemp("server")
+    server = distributed.TrackingServer(
+        f"sqlite:///{root / 'mlflow.db'}", artifacts=root / "artifacts", log_path=root / "server.log"
+    )
+    uri = server.start()
+    yield uri
+    server.stop()
+
+
+def test_the_kernel_stops_a_child_when_its_parent_dies():
+    assert processes._PRCTL is not None  # Linux: PR_SET_PDEATHSIG is there
+    assert not processes.parent_gone(os.getppid())
+    assert processes.parent_gone(os.getppid() + 1)
+
+
+def test_a_stopping_chief_hands_out_no_trial(tmp_path):
+    import keras_tuner as kt
+
+    hp = kt.HyperParameters()
+    hp.Int("units", 1, 4)
+    oracle = kt.oracles.RandomSearchOracle(objective="loss", max_trials=5, hyperparameters=hp)
+    oracle._set_project_dir(str(tmp_path), "p")
+    servicer = _Servicer(oracle, b"{}")
+    servicer.stopping = True
+
+    class Context:
+        def invocation_metadata(self):
+            return ()
+
+        def set_trailing_metadata(self, meta):
+            pass
+
+    from keras_tuner.src import protos
+
+    answer = servicer.CreateTrial(protos.get_service().CreateTrialRequest(tuner_id="tuner0"), Context())
+    from keras_tuner.src.engine import trial as trial_module
+
+    assert trial_module.Trial.from_proto(answer.trial).status == Status.STOPPED and not oracle.ongoing_trials
+
+
+@pytest.mark.slow
+def test_rerunning_a_completed_parallel_search_runs_nothing_again(tmp_path, store, mlflow_client):
+    sets = ("data.source=iris", "tuner.max_trials=3", "train.epochs=1")
+    first = _tune(tmp_path, store, 2, *sets)
+    assert first.returncode == 0, first.stderr
+    _, trials = _search(mlflow_client)
+    assert len(trials) == 3
+    again = _tune(tmp_path, store, 2, *sets)
+    assert again.returncode == 0, again.stderr
+    parents, rerun = _search(mlflow_client)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    finished = Counter(t.data.tags["toolkit.trial_id"] for t in rerun if t.info.status == "FINISHED")
+    assert finished == Counter({"0": 1, "1": 1, "2": 1}), finished
+    assert len(rerun) == 3, "the rerun trained a trial again"
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_chief_leaves_no_worker_and_no_tracking_server(tmp_path, store, mlflow_client):
+    launcher = _launch(tmp_path, store, "quickstart", "tuner.max_trials=4", "train.epochs=300")
+    children: dict[int, str] = {}
+    try:
+        _mid_trial(mlflow_client, "quickstart", launcher, children)
+        tree = _descendants(launcher.pid)
+        assert sum(b"mlflow" in argv for argv in tree.values()) >= 2, tree  # the server and its uvicorn
+        launcher.kill()
+        launcher.wait(10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and [p for p in tree if _alive(p)]:
+            time.sleep(0.5)
+        left = {p: tree[p] for p in tree if _alive(p)}
+    finally:
+        for pid in tree:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert not left, f"outlived the chief: {left}"
+
+
+@pytest.mark.slow
+def test_sighup_stops_the_chief_like_sigterm(tmp_path, tracking_server):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_server)
+    launcher = _launch(tmp_path, tracking_server, "hangup", "tuner.max_trials=4", "train.epochs=300")
+    children: dict[int, str] = {}
+    try:
+        _mid_trial(client, "hangup", launcher, children)
+        launcher.send_signal(signal.SIGHUP)
+        _, stderr = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 130, stderr
+    assert not [p for p in children if _alive(p)], "a worker outlived the chief"
+    parents, trials = _search(client, "hangup")
+    assert [p.info.status for p in parents] == ["KILLED"]
+    assert trials and "RUNNING" not in {t.info.status for t in trials}
+
+
+@pytest.mark.slow
+def test_ctrl_c_hands_out_no_new_trial_and_exits_within_seconds(tmp_path, tracking_server):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_server)
+    launcher = _launch(tmp_path, tracking_server, "ctrlc", "tuner.max_trials=6", "train.epochs=300")
+    children: dict[int, str] = {}
+    try:
+        _mid_trial(client, "ctrlc", launcher, children)
+        signalled = time.time()
+        launcher.send_signal(signal.SIGINT)
+        _, stderr = launcher.communicate(timeout=60)
+        took = time.time() - signalled
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 130, stderr
+    assert took < 20, f"exit {took:.1f}s after Ctrl-C"
+    assert not [p for p in children if _alive(p)], "a worker outlived the chief"
+    _, trials = _search(client, "ctrlc")
+    late = [t for t in trials if t.info.start_time / 1000 > signalled]
+    assert not late, "a trial started after Ctrl-C"
+    assert "FINISHED" not in {t.info.status for t in trials}
+    assert "RUNNING" not in {t.info.status for t in trials}
+
+
+@pytest.mark.slow
+def test_workers_of_a_killed_chief_close_their_runs_killed_saying_the_chief_is_gone(tmp_path, tracking_server):
+    from mlflow import MlflowClient
+
+    from toolkit.distributed.worker import CHIEF_GONE
+
+    client = MlflowClient(tracking_server)
+    launcher = _launch(tmp_path, tracking_server, "orphans", "tuner.max_trials=4", "train.epochs=300")
+    children: dict[int, str] = {}
+    try:
+        _mid_trial(client, "orphans", launcher, children)
+        launcher.kill()
+        launcher.wait(10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and [p for p in children if _alive(p)]:
+            time.sleep(0.5)
+        left = [p for p in children if _alive(p)]
+    finally:
+        for pid in children:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert not left, "a worker outlived the chief"
+    _, trials = _search(client, "orphans")
+    assert trials and {t.info.status for t in trials} == {"KILLED"}
+    assert {t.data.tags.get("toolkit.failure") for t in trials} == {CHIEF_GONE}, [
+        (t.data.tags, t.info.start_time, t.info.end_time) for t in trials
+    ]
