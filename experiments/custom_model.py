@@ -1,6 +1,6 @@
 """A model of your own for `make tune EXP=custom_model`: a two-branch network over digits.
 
-Digits arrive as 64 raw pixel values (0-16). One branch reads them as a 1-D signal through a
+Digits arrive as 8x8x1 images of raw pixel values (0-16), flattened here to 64 values. One branch reads them as a 1-D signal through a
 Conv1D; the other is a plain Dense layer over all pixels. KerasTuner's ``hp`` declares this
 model's own knobs (`filters`, `kernel_size`, `dense_units`, `pooling`); their names become each
 trial's MLflow params. The model is returned uncompiled, so the toolkit compiles it with the
@@ -11,8 +11,9 @@ import keras
 
 
 def build(hp):
-    inputs = keras.Input(shape=(64,), name="pixels")
-    x = keras.layers.Rescaling(1 / 16, name="scale")(inputs)
+    inputs = keras.Input(shape=(8, 8, 1), name="pixels")
+    x = keras.layers.Flatten(name="flatten")(inputs)
+    x = keras.layers.Rescaling(1 / 16, name="scale")(x)
 
     signal = keras.layers.Reshape((64, 1), name="as_signal")(x)
     conv = keras.layers.Conv1D(

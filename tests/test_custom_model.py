@@ -27,8 +27,8 @@ import keras
 
 
 def build(hp):
-    inputs = keras.Input(shape=(64,))
-    x = keras.layers.Rescaling(1 / 16)(inputs)
+    inputs = keras.Input(shape=(8, 8, 1))
+    x = keras.layers.Rescaling(1 / 16)(keras.layers.Flatten()(inputs))
     signal = keras.layers.Reshape((64, 1))(x)
     conv = keras.layers.Conv1D(hp.Choice("filters", [4, 8]), 3, activation="relu", name="conv")(signal)
     conv = keras.layers.GlobalMaxPooling1D()(conv)
@@ -40,8 +40,8 @@ def build(hp):
 def explodes(hp):
     if hp.Choice("explode", [0, 1]):
         raise RuntimeError("this builder refuses to build")
-    inputs = keras.Input(shape=(64,))
-    return keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(inputs))
+    inputs = keras.Input(shape=(8, 8, 1))
+    return keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(inputs)))
 
 
 NOT_CALLABLE = 3
@@ -100,7 +100,7 @@ def test_a_builder_file_beside_the_card_is_tuned_with_its_own_params_metrics_and
     champion = mlflow.pyfunc.load_model("models:/mine@champion")
     from sklearn.datasets import load_digits
 
-    x = load_digits().data[:5].astype("float32")
+    x = load_digits().data[:5].astype("float32").reshape(-1, 8, 8, 1)  # digits are 8x8x1 images
     predictions = np.asarray(champion.predict(x))
     assert predictions.shape == (5, 10)
     assert np.allclose(predictions.sum(axis=1), 1.0, atol=1e-4)
@@ -111,8 +111,8 @@ class TwoBranch(kt.HyperModel):
     """A HyperModel subclass that compiles its own model (with a metric of its own)."""
 
     def build(self, hp):
-        inputs = keras.Input(shape=(64,))
-        x = keras.layers.Dense(hp.Choice("width", [8, 16]), activation="tanh")(inputs)
+        inputs = keras.Input(shape=(8, 8, 1))
+        x = keras.layers.Dense(hp.Choice("width", [8, 16]), activation="tanh")(keras.layers.Flatten()(inputs))
         if hp.Boolean("second_layer"):
             with hp.conditional_scope("second_layer", [True]):
                 x = keras.layers.Dense(hp.Choice("second_width", [4, 8]), activation="relu")(x)

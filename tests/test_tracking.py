@@ -167,7 +167,7 @@ def test_champion_predicts_from_raw_features(champion_search, monkeypatch):
     assert dataset.x_test.max() > 1.0  # raw pixel intensities (0-16): the model standardizes them itself
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     model = mlflow.pyfunc.load_model("models:/quickstart@champion")
-    assert [s.shape for s in model.metadata.get_input_schema().inputs] == [(-1, 64)]
+    assert [s.shape for s in model.metadata.get_input_schema().inputs] == [(-1, 8, 8, 1)]  # digits are 8x8x1 images
     probabilities = np.asarray(model.predict(dataset.x_test))
     assert probabilities.shape == (len(dataset.x_test), 10)
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)

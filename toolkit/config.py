@@ -42,16 +42,39 @@ ALGORITHMS = ("random", "grid", "bayesian", "hyperband")
 STRATEGIES = ("auto", "cpu", "gpu", "mirrored", "tpu", "multi_worker")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 SHIPPED_DATASETS = ("digits", "breast_cancer", "wine", "iris")
-SYNTHETIC_DATASETS = ("spirals", "moons", "circles", "xor", "friedman")
+SYNTHETIC_DATASETS = ("spirals", "moons", "circles", "xor", "friedman", "shapes")
 KERAS_DATASETS = ("mnist", "fashion_mnist", "cifar10")
 DATASETS = SHIPPED_DATASETS + SYNTHETIC_DATASETS + KERAS_DATASETS
 FILE_SUFFIXES = (".csv", ".npz", ".parquet")
 # Shipped model families (toolkit.models.FAMILIES holds their classes). A card may instead name
 # the user's own builder (model.builder).
-MODEL_FAMILIES = ("mlp",)
-# The space entries only the MLP reads. The others (optimizer, learning_rate, momentum, l1, l2)
-# also compile a user's uncompiled model; these would be silently ignored by a custom builder.
+MODEL_FAMILIES = ("mlp", "cnn", "resnet", "xception")
+# The space entries that compile a model: every family that takes the card's optimizer reads
+# them, and so does a user's builder whose model comes back uncompiled.
+COMPILE_SPACE = ("optimizer", "learning_rate", "momentum", "l1", "l2")
+# The space entries only the MLP (and the CNN's dense head) reads; a custom builder would
+# silently ignore them.
 MLP_ONLY_SPACE = ("depth", "units", "activation", "dropout")
+# The CNN's convolutional knobs. ``filters`` is the first block's width; each block doubles it.
+CNN_ONLY_SPACE = ("conv_blocks", "filters", "kernel_size", "pooling", "batch_norm")
+# The space entries each family reads. Any other entry set in a card is an error: a knob that is
+# silently ignored looks as if it was searched. KerasTuner's HyperResNet and HyperXception declare
+# their own hyperparameters (their names would collide with the card's), so they read none.
+FAMILY_SPACE: dict[str, tuple[str, ...]] = {
+    "mlp": MLP_ONLY_SPACE + COMPILE_SPACE,
+    "cnn": MLP_ONLY_SPACE + COMPILE_SPACE + CNN_ONLY_SPACE,
+    "resnet": (),
+    "xception": (),
+}
+# The families that need image-shaped data (H, W, C), and the smallest side each accepts. KerasTuner's
+# ResNet downsamples 32x (a 7x7/2 stem, a 3x3/2 pool and three strided stages), as Keras' ResNet
+# does, which refuses images under 32x32; HyperXception's strided stem and up to eight halving
+# residual blocks want as much.
+IMAGE_FAMILIES = ("cnn", "resnet", "xception")
+MIN_IMAGE_SIDE = {"cnn": 1, "resnet": 32, "xception": 32}
+# The families whose models can start with KerasTuner's HyperImageAugment (model.augment).
+AUGMENTABLE = IMAGE_FAMILIES
+POOLINGS = ("max", "avg")
 # The data options each source reads (data.py holds the loaders). Any other one set in a card
 # is an error: a setting that is silently ignored looks as if it worked.
 SOURCE_OPTIONS = {
@@ -60,6 +83,7 @@ SOURCE_OPTIONS = {
     "circles": ("n_samples", "noise"),
     "xor": ("n_samples", "noise"),
     "friedman": ("n_samples", "noise", "n_features"),
+    "shapes": ("n_samples", "noise", "image_size"),
     ".csv": ("target", "features"),
     ".parquet": ("target", "features"),
 }
@@ -176,6 +200,14 @@ class SpaceConfig(_Section):
     l1: Param = 0.0
     l2: Param = 0.0
     dropout: Param = 0.0
+    # The CNN's knobs (model.family: cnn). Each block is one convolution, then pooling by 2.
+    conv_blocks: Param = Field(default_factory=lambda: Range(min=1, max=2))
+    # The first block's filters; each later block doubles them (the VGG convention), so one
+    # hyperparameter sets the whole stack's width.
+    filters: Param = Field(default_factory=lambda: [16, 32])
+    kernel_size: Param = 3
+    pooling: Param = "max"
+    batch_norm: Param = False
 
     @field_validator("*", mode="before")
     @classmethod
@@ -198,6 +230,13 @@ class SpaceConfig(_Section):
                 if item not in allowed:
                     raise ValueError(f"unknown {name} {item!r}. Accepted: {', '.join(allowed)}")
             return value
+        if name == "batch_norm":
+            if isinstance(value, Range):
+                raise ValueError("a range is not accepted here; give true, false or [true, false]")
+            for item in _choices(value):
+                if not isinstance(item, bool):
+                    raise ValueError(f"must be true or false. Received: {item!r}")
+            return value
         low, high = _BOUNDS[name]
         points = [value.min, value.max] if isinstance(value, Range) else _choices(value)
         for item in points:
@@ -205,15 +244,20 @@ class SpaceConfig(_Section):
                 raise ValueError(f"must be a number. Received: {item!r}")
             if not (low <= item <= high):
                 raise ValueError(f"must be in the range [{low:g}, {high:g}]. Received: {item!r}")
-            if name in ("depth", "units") and not float(item).is_integer():
+            if name in INTEGER_SPACE and not float(item).is_integer():
                 raise ValueError(f"must be a whole number. Received: {item!r}")
         return value
 
 
-_NAMED = {"activation": ACTIVATIONS, "optimizer": OPTIMIZERS}
+# The space entries that are whole numbers (hp.Int for a range).
+INTEGER_SPACE = ("depth", "units", "conv_blocks", "filters", "kernel_size")
+_NAMED = {"activation": ACTIVATIONS, "optimizer": OPTIMIZERS, "pooling": POOLINGS}
 _BOUNDS = {
     "depth": (1, 64),
     "units": (1, 65536),
+    "conv_blocks": (1, 16),
+    "filters": (1, 4096),
+    "kernel_size": (1, 15),
     "learning_rate": (1e-12, 1e3),
     "momentum": (0.0, 1.0),
     "l1": (0.0, 10.0),
@@ -236,6 +280,8 @@ class DataConfig(_Section):
     noise: float | None = Field(None, ge=0.0, le=100.0)
     n_features: int | None = Field(None, ge=1, le=100_000)
     n_classes: int | None = Field(None, ge=2, le=1000)
+    # shapes: the side of each square image, in pixels.
+    image_size: int | None = Field(None, ge=8, le=512)
 
     @field_validator("source")
     @classmethod
@@ -246,7 +292,7 @@ class DataConfig(_Section):
             f"unknown data source {value!r}. Accepted: {', '.join(DATASETS)}, or a path to a {'/'.join(FILE_SUFFIXES)} file"
         )
 
-    @field_validator("target", "features", "n_samples", "noise", "n_features", "n_classes")
+    @field_validator("target", "features", "n_samples", "noise", "n_features", "n_classes", "image_size")
     @classmethod
     def _used_by_source(cls, value: Any, info: ValidationInfo) -> Any:
         source = info.data.get("source")  # validated first, as it is declared first
@@ -297,8 +343,11 @@ class TrainConfig(_Section):
     """How each trial trains."""
 
     epochs: int = Field(3, ge=1, le=100_000)
-    # The global batch: each replica gets batch_size / replicas.
-    batch_size: int = Field(64, ge=1, le=1_000_000)
+    # The global batch: each replica gets batch_size / replicas. A list is a choice: each trial's
+    # batch is then a hyperparameter named batch_size (the card's key, in YAML and --set). The
+    # field is `batch_sizes` in Python so that `batch_size` can stay the one int the input
+    # pipelines are cut in (see the property).
+    batch_sizes: int | list[int] = Field(64, alias="batch_size")
     precision: Literal[PRECISIONS] = "float32"
     # "auto" picks from model and data size; small models are bound by per-step overhead.
     steps_per_execution: int | Literal["auto"] = "auto"
@@ -307,6 +356,42 @@ class TrainConfig(_Section):
     early_stopping: int = Field(0, ge=0, le=100_000)
     # Per-epoch diagnostics: gradient norms, dead ReLUs, weight norms, train/val gap.
     diagnostics: bool = True
+
+    @field_validator("batch_sizes", mode="before")
+    @classmethod
+    def _no_bool_batches(cls, value: Any) -> Any:
+        if isinstance(value, bool) or (isinstance(value, list) and any(isinstance(v, bool) for v in value)):
+            raise ValueError(
+                "must be an integer in [1, 1000000], not true/false (a list of them is a choice). "
+                f"Received: {str(value).lower() if isinstance(value, bool) else _short(value)}"
+            )
+        return value
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batch_values(cls, value: int | list[int]) -> int | list[int]:
+        for item in value if isinstance(value, list) else [value]:
+            if not 1 <= item <= 1_000_000:
+                raise ValueError(f"each batch size must be in [1, 1000000]. Received: {item}")
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list offers no choice; give at least one batch size")
+        return value
+
+    @property
+    def batch_choices(self) -> list[int]:
+        """The global batch sizes a trial may train with (one unless the card gives a list)."""
+        values = self.batch_sizes if isinstance(self.batch_sizes, list) else [self.batch_sizes]
+        return sorted(set(values))
+
+    @property
+    def batch_size(self) -> int:
+        """The global batch the input pipelines are cut in: the smallest choice.
+
+        A trial whose ``batch_size`` hyperparameter is larger rebatches that pipeline in its
+        HyperModel's ``fit``; the smallest is also the one the replica rule (a global batch of at
+        least one sample per replica) must hold for.
+        """
+        return self.batch_choices[0]
 
     @field_validator("steps_per_execution")
     @classmethod
@@ -355,6 +440,9 @@ class ModelConfig(_Section):
     # "path/to/file.py:build" or "package.module:build": a build(hp) function, a kt.HyperModel
     # subclass or an instance. A relative file is looked up in the card's folder, then the cwd.
     builder: str | None = None
+    # Start the image families' models with KerasTuner's HyperImageAugment: random rotation,
+    # translation and contrast, active in training only, each strength a trial hyperparameter.
+    augment: bool = False
 
     @field_validator("family")
     @classmethod
@@ -386,6 +474,52 @@ def split_builder_reference(reference: str) -> tuple[str, str]:
     return where, name
 
 
+_KT_NAMES = {"resnet": "ResNet", "xception": "Xception"}
+# The image shape (H, W, C) of each built-in image source; the others are tabular.
+IMAGE_SOURCES = {"digits": (8, 8, 1), "mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+SHAPES_SIDE = 32  # the shapes source's default image side
+
+
+def source_image_shape(data: DataConfig) -> tuple[int, ...] | None | Literal["unknown"]:
+    """A source's image shape, known without loading it: ``None`` for tabular, ``"unknown"`` for a file."""
+    if data.source == "shapes":
+        side = data.image_size or SHAPES_SIDE
+        return (side, side, 1)
+    if data.source in IMAGE_SOURCES:
+        return IMAGE_SOURCES[data.source]
+    if data.source in DATASETS or not data.source.lower().endswith(".npz"):
+        return None
+    return "unknown"
+
+
+def check_image_family(family: str, source: str, shape: tuple[int, ...] | None | str) -> None:
+    """Refuse data an image family cannot take: not an image, or smaller than the family needs.
+
+    Args:
+        family: An image family (one of ``IMAGE_FAMILIES``).
+        source: The data source, for the message.
+        shape: One sample's shape; ``None`` for tabular data; ``"unknown"`` skips the check
+            (a file, checked again once loaded).
+
+    Raises:
+        ValueError: Naming the family, the shape received and what it accepts.
+    """
+    if shape == "unknown":
+        return
+    side = MIN_IMAGE_SIDE[family]
+    needs = f"images (H, W, C){f' of at least {side}x{side}' if side > 1 else ''}"
+    image_sources = ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in IMAGE_SOURCES.items())
+    offer = f"Image sources: {image_sources}, shapes (image_size, default {SHAPES_SIDE}), or an .npz of (N, H, W[, C])"
+    if shape is None or len(shape) not in (2, 3):
+        got = "tabular rows" if shape is None else f"samples of shape {tuple(shape)}"
+        raise ValueError(f"model.family {family!r} needs {needs}; data.source {source!r} gives {got}. {offer}")
+    if min(shape[:2]) < side:
+        smaller = "; use model.family: cnn for small images" if family != "cnn" else ""
+        raise ValueError(
+            f"model.family {family!r} needs {needs}; data.source {source!r} gives {'x'.join(map(str, shape))}{smaller}. {offer}"
+        )
+
+
 class ExperimentConfig(_Section):
     """A whole experiment card."""
 
@@ -411,21 +545,65 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _space_for_the_model(self) -> ExperimentConfig:
+        set_keys = [k for k in SpaceConfig.model_fields if k in self.space.model_fields_set]
         if self.model.builder is not None:
             if "family" in self.model.model_fields_set:
                 raise ValueError(
                     f"model: give either family or builder, not both. Received: family={self.model.family!r}, "
                     f"builder={self.model.builder!r}"
                 )
-            ignored = [k for k in MLP_ONLY_SPACE if k in self.space.model_fields_set]
-            if ignored:
-                used = ", ".join(k for k in SpaceConfig.model_fields if k not in MLP_ONLY_SPACE)
+            if self.model.augment:
                 raise ValueError(
-                    f"space.{ignored[0]} is read only by the built-in mlp family; model.builder "
-                    f"{self.model.builder!r} would silently ignore it. With a builder, space accepts: {used} "
+                    f"model.augment is for the shipped image families ({', '.join(AUGMENTABLE)}); model.builder "
+                    f"{self.model.builder!r} would ignore it. Received: augment=true. Add augmentation layers in the builder"
+                )
+            ignored = [k for k in set_keys if k not in COMPILE_SPACE]
+            if ignored:
+                readers = [f for f, keys in FAMILY_SPACE.items() if ignored[0] in keys]
+                raise ValueError(
+                    f"space.{ignored[0]} is read only by the built-in {readers[0]} family; model.builder "
+                    f"{self.model.builder!r} would silently ignore it. With a builder, space accepts: {', '.join(COMPILE_SPACE)} "
                     "(they compile a model the builder returns uncompiled); declare other knobs with hp.* in the builder"
                 )
         return self
+
+    def check_family(self) -> None:
+        """Refuse what the card's family would ignore or cannot take (a family card only).
+
+        Run by :func:`validate` after the schema, so each error names its own field.
+
+        Raises:
+            ConfigError: For a space entry the family does not read (``space.<key>``), ``model.augment``
+                on a family without images, or a built-in source the family cannot take (``data.source``).
+        """
+        if self.model.builder is not None:
+            return
+        family = self.model.family
+        reads = FAMILY_SPACE[family]
+        ignored = [k for k in SpaceConfig.model_fields if k in self.space.model_fields_set and k not in reads]
+        if ignored:
+            key = ignored[0]
+            if reads:
+                accepted = f"Entries {family} reads: {', '.join(reads)}"
+            else:
+                accepted = (
+                    f"{family} reads no space entries: KerasTuner's Hyper{_KT_NAMES[family]} declares its own hyperparameters"
+                )
+            raise ConfigError(
+                f"space.{key}: not read by model.family {family!r}, so it would be silently ignored. "
+                f"Received: {key}={_short(_plain(getattr(self.space, key)))}. {accepted}",
+                field=f"space.{key}",
+            )
+        if self.model.augment and family not in AUGMENTABLE:
+            raise ConfigError(
+                f"model.augment: for the image families ({', '.join(AUGMENTABLE)}). Received: augment=true with family {family!r}",
+                field="model.augment",
+            )
+        if family in IMAGE_FAMILIES:
+            try:
+                check_image_family(family, self.data.source, source_image_shape(self.data))
+            except ValueError as exc:
+                raise ConfigError(f"data.source: {exc}", field="data.source") from None
 
     @field_validator("strategy", mode="before")
     @classmethod
@@ -448,13 +626,23 @@ class ExperimentConfig(_Section):
     def to_dict(self) -> dict[str, Any]:
         """The resolved card as plain data (what ``experiment.yaml`` holds).
 
-        With a builder, the MLP's knobs and the family are left out: the card does not use them.
+        Space entries the model does not read are left out (with a builder, also the family), and
+        ``model.augment`` when it is off.
         """
-        data = self.model_dump(mode="json")
+        data = self.model_dump(mode="json", by_alias=True)
         if self.model.builder is not None:
             data["model"].pop("family")
-            for key in MLP_ONLY_SPACE:
-                data["space"].pop(key)
+            reads = COMPILE_SPACE
+        else:
+            reads = FAMILY_SPACE[self.model.family]
+        # Only the entries the model reads: the others are not searched, and an MLP card's record
+        # stays what it was before the image families arrived.
+        for key in [k for k in data["space"] if k not in reads]:
+            data["space"].pop(key)
+        if not self.model.augment:
+            data["model"].pop("augment")
+        if data["data"].get("image_size") is None:
+            data["data"].pop("image_size")
         return data
 
 
@@ -676,6 +864,7 @@ def validate(raw: dict[str, Any], default_name: str = "experiment", card_dir: Pa
         cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
         raise _translate(exc) from None
+    cfg.check_family()
     if cfg.model.builder is not None:
         cfg.model.builder = locate_builder(cfg.model.builder, card_dir)
     return cfg
@@ -780,6 +969,11 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _plain(value: Any) -> Any:
+    """A space entry as the card wrote it: a range as its mapping."""
+    return value.model_dump(exclude_none=True, exclude_defaults=True) if isinstance(value, BaseModel) else value
+
+
 def _known_fields(dotted: str) -> list[str]:
     model: type[BaseModel] = ExperimentConfig
     for part in [p for p in dotted.split(".") if p]:
@@ -788,4 +982,4 @@ def _known_fields(dotted: str) -> list[str]:
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         model = annotation
-    return list(model.model_fields)
+    return [f.alias or name for name, f in model.model_fields.items()]

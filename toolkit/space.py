@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from toolkit.config import OPTIMIZERS, SGD_FAMILY, Range, SpaceConfig
+from toolkit.config import INTEGER_SPACE, OPTIMIZERS, SGD_FAMILY, Range, SpaceConfig
 
 if TYPE_CHECKING:
     import keras
     import keras_tuner as kt
 
-INTEGER_PARAMS = ("depth", "units")
+INTEGER_PARAMS = INTEGER_SPACE
 
 
 def declare(hp: kt.HyperParameters, name: str, spec: Any, integer: bool = False) -> Any:
@@ -39,7 +39,7 @@ def declare(hp: kt.HyperParameters, name: str, spec: Any, integer: bool = False)
         values = [int(v) for v in spec] if integer else list(spec)
         if len(set(values)) == 1:
             return hp.Fixed(name, values[0])
-        return hp.Choice(name, values, ordered=False if isinstance(values[0], str) else None)
+        return hp.Choice(name, values, ordered=False if isinstance(values[0], (str, bool)) else None)
     return hp.Fixed(name, int(spec) if integer else spec)
 
 
@@ -61,6 +61,31 @@ def activation(hp: kt.HyperParameters, space: SpaceConfig) -> str:
 def dropout(hp: kt.HyperParameters, space: SpaceConfig) -> float:
     """The dropout rate after each hidden layer."""
     return float(declare(hp, "dropout", space.dropout))
+
+
+def conv_blocks(hp: kt.HyperParameters, space: SpaceConfig) -> int:
+    """The number of convolutional blocks (one convolution, then pooling by 2, each)."""
+    return declare(hp, "conv_blocks", space.conv_blocks, integer=True)
+
+
+def filters(hp: kt.HyperParameters, space: SpaceConfig) -> int:
+    """The first convolutional block's filters; each later block doubles them."""
+    return declare(hp, "filters", space.filters, integer=True)
+
+
+def kernel_size(hp: kt.HyperParameters, space: SpaceConfig) -> int:
+    """The side of every convolution's square kernel."""
+    return declare(hp, "kernel_size", space.kernel_size, integer=True)
+
+
+def pooling(hp: kt.HyperParameters, space: SpaceConfig) -> str:
+    """``max`` or ``avg``: how each block halves the image."""
+    return declare(hp, "pooling", space.pooling)
+
+
+def batch_norm(hp: kt.HyperParameters, space: SpaceConfig) -> bool:
+    """Whether each convolution is batch-normalized before its activation."""
+    return bool(declare(hp, "batch_norm", space.batch_norm))
 
 
 def regularizer(hp: kt.HyperParameters, space: SpaceConfig) -> keras.regularizers.Regularizer | None:

@@ -67,6 +67,37 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
     @property
+    def is_image(self) -> bool:
+        """Whether each sample is an image: (H, W, C), or (H, W) for one channel."""
+        return self.x_train.ndim in (3, 4) and min(self.x_train.shape[1:3]) > 1
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """One sample as (H, W, C): a channel axis is added for (H, W) samples.
+
+        Raises:
+            ValueError: For data that is not image-shaped.
+        """
+        if not self.is_image:
+            raise ValueError(f"{self.name}: samples of shape {self.input_shape} are not images (H, W, C)")
+        shape = self.input_shape
+        return (shape[0], shape[1], shape[2] if len(shape) == 3 else 1)
+
+    def channel_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel mean and variance of the **training** pixels, for an image model's first layer.
+
+        Returns:
+            ``(mean, variance)``, each of shape ``(C,)``.
+        """
+        channels = self.image_shape[2]
+        flat = self.x_train.reshape(-1, channels)
+        mean = flat.mean(axis=0, dtype="float64")
+        variance = np.zeros_like(mean)
+        for i in range(0, len(flat), 1 << 20):  # chunks: no float64 copy of a large image set
+            variance += np.square(flat[i : i + (1 << 20)].astype("float64") - mean).sum(axis=0)
+        return mean, variance / len(flat)
+
+    @property
     def n_classes(self) -> int:
         """The number of classes (0 for regression)."""
         if self.task != CLASSIFICATION:

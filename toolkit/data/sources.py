@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.config import KERAS_DATASETS, SHIPPED_DATASETS, SYNTHETIC_DATASETS, DataConfig
+from toolkit.config import IMAGE_SOURCES, KERAS_DATASETS, SHAPES_SIDE, SHIPPED_DATASETS, SYNTHETIC_DATASETS, DataConfig
 from toolkit.data.dataset import CLASSIFICATION, REGRESSION, DataError, Loaded
 from toolkit.data.keras_sets import _KERAS_SETS, _keras, keras_cached
 
@@ -23,7 +23,13 @@ def _sklearn(name: str) -> Callable[[DataConfig, int], Loaded]:
         bunch = getattr(datasets, f"load_{name}")()
         names = [str(n) for n in bunch.target_names]
         features = [str(f) for f in getattr(bunch, "feature_names", [])] or None
-        return bunch.data.astype("float32"), bunch.target.astype("int64"), CLASSIFICATION, names, features
+        x = bunch.data.astype("float32")
+        if name in IMAGE_SOURCES:
+            # digits are 8x8 images with one channel (raw intensities 0-16): a CNN sees their
+            # layout, and an MLP flattens them in its first layer.
+            x = x.reshape(-1, *IMAGE_SOURCES[name])
+            features = None
+        return x, bunch.target.astype("int64"), CLASSIFICATION, names, features
 
     return load
 
@@ -84,6 +90,46 @@ def _friedman(cfg: DataConfig, seed: int) -> Loaded:
     return x.astype("float32"), y.astype("float32"), REGRESSION, None, [f"x{i + 1}" for i in range(n_features)]
 
 
+SHAPE_NAMES = ["circle", "square", "triangle"]
+
+
+def _shapes(cfg: DataConfig, seed: int) -> Loaded:
+    """Generated grey images of one filled circle, square or triangle each (classes in that order).
+
+    Each shape has a random centre, size and brightness on a noisy background, so where a shape
+    is says nothing of what it is: convolution (local, shared filters) learns it from few samples,
+    while an MLP must learn every position apart. Pixels are raw, 0-255, shape (N, S, S, 1).
+    ``image_size`` sets S (default 32), ``noise`` the background's standard deviation in units of
+    the brightest pixel (default 0.1).
+    """
+    rng = np.random.default_rng(seed)
+    n = cfg.n_samples or 1500
+    side = cfg.image_size or SHAPES_SIDE
+    noise = 0.1 if cfg.noise is None else cfg.noise
+    y = np.arange(n) % len(SHAPE_NAMES)
+    rng.shuffle(y)
+    rows, cols = np.mgrid[0:side, 0:side].astype("float32") + 0.5
+    x = np.empty((n, side, side), dtype="float32")
+    for i, label in enumerate(y):
+        radius = rng.uniform(0.15, 0.3) * side
+        cy, cx = rng.uniform(radius, side - radius, size=2)
+        dy, dx = rows - cy, cols - cx
+        if label == 0:
+            mask = dy**2 + dx**2 <= radius**2
+        elif label == 1:
+            half = radius * 0.85  # about the circle's area
+            mask = (np.abs(dy) <= half) & (np.abs(dx) <= half)
+        else:
+            # An upward triangle: below the two slanted edges and above the base.
+            height = radius * 1.8
+            top = -height / 2
+            mask = (dy <= height / 2) & (np.abs(dx) <= (dy - top) / np.sqrt(3) * 1.15) & (dy >= top)
+        brightness = rng.uniform(0.5, 1.0)
+        x[i] = np.where(mask, brightness, 0.0) + rng.normal(0.0, noise, (side, side))
+    x = (np.clip(x, 0.0, 1.0) * 255.0).astype("float32")[..., None]
+    return x, y.astype("int64"), CLASSIFICATION, list(SHAPE_NAMES), None
+
+
 BUILTIN: dict[str, Callable[[DataConfig, int], Loaded]] = {
     **{name: _sklearn(name) for name in SHIPPED_DATASETS},
     "spirals": _spirals,
@@ -91,6 +137,7 @@ BUILTIN: dict[str, Callable[[DataConfig, int], Loaded]] = {
     "circles": _circles,
     "xor": _xor,
     "friedman": _friedman,
+    "shapes": _shapes,
     **{name: _keras(name) for name in KERAS_DATASETS},
 }
 assert set(BUILTIN) == set(SHIPPED_DATASETS + SYNTHETIC_DATASETS + KERAS_DATASETS)

@@ -1,6 +1,7 @@
 """The model registry: a family name → a ``kt.HyperModel`` for a card and its dataset.
 
-Exports :data:`FAMILIES` (family name → HyperModel class), :func:`get` (keras
+Exports :data:`FAMILIES` (family name → HyperModel class: ``mlp``, ``cnn``, KerasTuner's
+``resnet`` and ``xception``), :func:`get` (keras
 ``optimizers.get`` style) and :func:`build_hypermodel` (the card's HyperModel), and re-exports
 :class:`~toolkit.models.mlp.MLPHyperModel` and the execution helpers
 :func:`~toolkit.models.execution.auto_steps_per_execution` and
@@ -15,12 +16,17 @@ import keras_tuner as kt
 
 from toolkit.config import MODEL_FAMILIES, ConfigError
 from toolkit.models import builder
+from toolkit.models.applications import ResNetHyperModel, XceptionHyperModel
+from toolkit.models.cnn import CNNHyperModel
 from toolkit.models.execution import auto_jit_compile, auto_steps_per_execution
 from toolkit.models.mlp import MLPHyperModel, _initializer
 
 __all__ = [
     "FAMILIES",
+    "CNNHyperModel",
     "MLPHyperModel",
+    "ResNetHyperModel",
+    "XceptionHyperModel",
     "auto_jit_compile",
     "auto_steps_per_execution",
     "build_hypermodel",
@@ -33,7 +39,12 @@ __all__ = [
 ]
 
 # Each family's class builds itself from a card and its dataset with ``from_card``.
-FAMILIES: dict[str, type[kt.HyperModel]] = {"mlp": MLPHyperModel}
+FAMILIES: dict[str, type[kt.HyperModel]] = {
+    "mlp": MLPHyperModel,
+    "cnn": CNNHyperModel,
+    "resnet": ResNetHyperModel,
+    "xception": XceptionHyperModel,
+}
 # The card's names (toolkit.config, free of TensorFlow) and the classes must be the same set.
 assert set(FAMILIES) == set(MODEL_FAMILIES), (sorted(FAMILIES), MODEL_FAMILIES)
 

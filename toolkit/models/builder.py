@@ -32,7 +32,7 @@ import keras_tuner as kt
 
 from toolkit import space as blocks
 from toolkit.config import ConfigError, SpaceConfig, TrainConfig, locate_builder, split_builder_reference
-from toolkit.models.execution import compile_settings, task_loss
+from toolkit.models.execution import batch_size, compile_settings, rebatch, task_loss
 
 FIELD = "model.builder"
 
@@ -194,6 +194,7 @@ class CardCompiled(kt.HyperModel):
         keras.mixed_precision.set_global_policy(self.train.precision)
         try:
             model = self.inner.build(hp)
+            batch_size(hp, self.train)  # declared with the model's own, so it is searched from the first trial
             if not isinstance(model, keras.Model):
                 raise TypeError(f"the builder returned {type(model).__name__}, not a keras.Model")
             if not getattr(model, "compiled", False):
@@ -212,7 +213,9 @@ class CardCompiled(kt.HyperModel):
                     kernel.regularizer = regularizer
         optimizer = blocks.optimizer(hp, self.space)
         loss, metrics = task_loss(self.task)
-        model.compile(optimizer=optimizer, loss=loss, metrics=metrics, **compile_settings(model, self.train, self.n_train))
+        settings = compile_settings(model, self.train, self.n_train, batch_size(hp, self.train))
+        model.compile(optimizer=optimizer, loss=loss, metrics=metrics, **settings)
 
-    def fit(self, hp: kt.HyperParameters, model: keras.Model, *args: Any, **kwargs: Any) -> Any:
-        return self.inner.fit(hp, model, *args, **kwargs)
+    def fit(self, hp: kt.HyperParameters, model: keras.Model, x: Any = None, *args: Any, **kwargs: Any) -> Any:
+        # A listed train.batch_size is the trial's batch_size hyperparameter, whoever built the model.
+        return self.inner.fit(hp, model, rebatch(x, hp, self.train), *args, **kwargs)

@@ -41,16 +41,64 @@ def task_loss(task: str) -> tuple[str, list[str]]:
     return "mse", ["mae"]
 
 
-def compile_settings(model: Any, train: Any, n_train: int) -> dict[str, Any]:
+def batch_size(hp: Any, train: Any) -> int:
+    """The trial's global batch: a ``batch_size`` hyperparameter when the card lists several.
+
+    Declared while the model is built (so ``steps_per_execution`` can follow it) and read again in
+    ``fit``; a single batch size declares nothing, so a card without a list logs the params it did.
+
+    Args:
+        hp: The trial's hyperparameters.
+        train: The card's training section.
+
+    Returns:
+        The global batch this trial trains with.
+    """
+    choices = train.batch_choices
+    if len(choices) == 1:
+        return choices[0]
+    return int(hp.Choice("batch_size", choices))
+
+
+def rebatch(x: Any, hp: Any, train: Any) -> Any:
+    """The training input cut in the trial's batch.
+
+    The input pipelines are batched in the card's smallest choice (``train.batch_size``);
+    ``rebatch`` regroups those elements in order, so the seeded shuffle is kept and the global
+    batch is split over the replicas as any other.
+
+    Args:
+        x: ``fit``'s first argument: a batched ``tf.data.Dataset`` (anything else is returned as is).
+        hp: The trial's hyperparameters.
+        train: The card's training section.
+
+    Returns:
+        The input to train on.
+    """
+    import tensorflow as tf
+
+    batch = batch_size(hp, train)
+    if batch == train.batch_size or not isinstance(x, tf.data.Dataset):
+        return x
+    return x.rebatch(batch).prefetch(tf.data.AUTOTUNE)
+
+
+def compile_settings(model: Any, train: Any, n_train: int, batch: int | None = None) -> dict[str, Any]:
     """``steps_per_execution`` and ``jit_compile`` for ``model.compile``, from the card and the sizes.
 
     KerasTuner builds inside the strategy's scope, which decides how many steps can run per call.
+
+    Args:
+        model: The built model.
+        train: The card's training section.
+        n_train: Training samples.
+        batch: The trial's global batch (see :func:`batch_size`). Defaults to ``train.batch_size``.
     """
     from toolkit.strategy import steps_per_execution_for
 
     return {
         "steps_per_execution": steps_per_execution_for(
-            auto_steps_per_execution(n_train, train.batch_size, train.steps_per_execution)
+            auto_steps_per_execution(n_train, batch or train.batch_size, train.steps_per_execution)
         ),
         "jit_compile": auto_jit_compile(model.count_params(), train.jit_compile),
     }

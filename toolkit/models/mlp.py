@@ -10,7 +10,7 @@ import numpy as np
 
 from toolkit import space as blocks
 from toolkit.config import SpaceConfig, TrainConfig
-from toolkit.models.execution import compile_settings, task_loss
+from toolkit.models.execution import batch_size, compile_settings, rebatch, task_loss
 
 
 class MLPHyperModel(kt.HyperModel):
@@ -126,8 +126,13 @@ class MLPHyperModel(kt.HyperModel):
             outputs = keras.layers.Reshape((), dtype="float32", name="output")(rescaled)
         model = keras.Model(inputs, outputs, name="mlp")
         loss, metrics = task_loss(self.task)
-        model.compile(optimizer=optimizer, loss=loss, metrics=metrics, **compile_settings(model, self.train, self.n_train))
+        settings = compile_settings(model, self.train, self.n_train, batch_size(hp, self.train))
+        model.compile(optimizer=optimizer, loss=loss, metrics=metrics, **settings)
         return model
+
+    def fit(self, hp: kt.HyperParameters, model: keras.Model, x: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """Train in the trial's batch (``train.batch_size`` may be a list: then it is a hyperparameter)."""
+        return model.fit(rebatch(x, hp, self.train), *args, **kwargs)
 
 
 def _initializer(activation: str) -> str:

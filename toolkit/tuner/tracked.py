@@ -54,9 +54,11 @@ class TrackedTunerMixin:
 
     def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
         super().on_trial_begin(trial)
+        # A listed train.batch_size makes the global batch the trial's batch_size hyperparameter.
+        batch = int(trial.hyperparameters.values.get("batch_size", self.card.train.batch_size))
         tags = {
             **self.strategy_info.tags(),
-            "toolkit.batch_size_per_replica": str(self.strategy_info.per_replica_batch(self.card.train.batch_size)),
+            "toolkit.batch_size_per_replica": str(self.strategy_info.per_replica_batch(batch)),
             "toolkit.worker": self.tuner_id,
         }
         run_id = self.tracker.start_trial(trial.trial_id, trial.hyperparameters.values, tags)
