@@ -261,3 +261,15 @@ def test_cnn_search_with_two_workers(tmp_path):
     trials, _ = _child_runs(MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]), "cnn_digits")
     assert sorted(r.info.status for r in trials) == ["FINISHED", "FINISHED"]
     assert {r.data.tags["toolkit.worker"] for r in trials} <= {"tuner0", "tuner1"}
+
+
+def test_an_mlp_cards_record_holds_only_what_the_mlp_reads():
+    # The resolved card is the search's id for resume: an MLP card resolves as before the image families.
+    card = validate({"data": {"source": "digits"}}).to_dict()
+    assert set(card["space"]) == {"depth", "units", "activation", "dropout", "optimizer", "learning_rate", "momentum", "l1", "l2"}
+    assert "augment" not in card["model"] and "image_size" not in card["data"]
+    assert card["train"]["batch_size"] == 64
+    cnn = validate({"data": {"source": "shapes", "image_size": 16}, "model": {"family": "cnn", "augment": True}}).to_dict()
+    assert {"conv_blocks", "filters", "kernel_size", "pooling", "batch_norm"} <= set(cnn["space"])
+    assert cnn["model"]["augment"] is True and cnn["data"]["image_size"] == 16
+    assert validate({"model": {"family": "xception"}, "data": {"source": "shapes"}}).to_dict()["space"] == {}
