@@ -206,9 +206,21 @@ def _deep_threshold(depths: pd.Series) -> int | None:
     return values[len(values) // 2] if len(values) > 1 else values[0]
 
 
+# The knobs that make a network deep, in the order they are looked for: a CNN's conv_blocks (its
+# dense head's depth matters less for vanishing gradients) when it varies, then the depth.
+DEPTH_KNOBS = (("conv_blocks", "conv blocks"), ("depth", "depth"))
+
+
+def depth_knob(done: pd.DataFrame) -> tuple[str, str] | None:
+    """The numeric knob that sets how deep the trials' networks were, and its words; None if none."""
+    numeric = [(c, w) for c, w in DEPTH_KNOBS if c in done and not _categorical(done[c]) and done[c].notna().any()]
+    varied = [(c, w) for c, w in numeric if done[c].nunique() > 1]
+    return (varied or numeric or [None])[0]
+
+
 def _has_activation_and_depth(done: pd.DataFrame) -> bool:
-    """Whether the trials had the essay's knobs: a categorical ``activation`` and a numeric ``depth``."""
-    return "activation" in done and "depth" in done and _categorical(done["activation"]) and not _categorical(done["depth"])
+    """Whether the trials had the essay's knobs: a categorical ``activation`` and a numeric depth (``depth``, ``conv_blocks``)."""
+    return "activation" in done and _categorical(done["activation"]) and depth_knob(done) is not None
 
 
 def activation_depth_findings(data: SearchData) -> list[str]:
@@ -216,13 +228,14 @@ def activation_depth_findings(data: SearchData) -> list[str]:
     done = data.finished
     if not _has_activation_and_depth(done) or done["activation"].nunique() < 2:
         return []
-    deep_from = _deep_threshold(done["depth"])
-    if deep_from is None or done["depth"].nunique() < 2:
+    column, words = depth_knob(done)
+    deep_from = _deep_threshold(done[column])
+    if deep_from is None or done[column].nunique() < 2:
         return []  # one depth: the activation finding above says it all
     out = []
     for label, part in (
-        (f"depth ≥ {deep_from}", done[done["depth"] >= deep_from]),
-        (f"depth < {deep_from}", done[done["depth"] < deep_from]),
+        (f"{words} ≥ {deep_from}", done[done[column] >= deep_from]),
+        (f"{words} < {deep_from}", done[done[column] < deep_from]),
     ):
         stats = _group_stats(data, part, "activation")
         if len(stats) < 2:
@@ -296,12 +309,13 @@ def gradient_findings(data: SearchData) -> list[str]:
         parts = with_ratio.groupby(group)
     else:
         parts = [("all trials", with_ratio)]
-    has_depth = "depth" in done and not _categorical(done["depth"])
-    deep_from = _deep_threshold(done["depth"]) if has_depth else None
+    knob = depth_knob(done)
+    column, words = knob if knob else ("depth", "depth")
+    deep_from = _deep_threshold(done[column]) if knob else None
     for value, part in parts:
-        if deep_from is not None and (part["depth"] >= max(2, deep_from)).any():
-            part = part[part["depth"] >= max(2, deep_from)]
-            where = f" at depth ≥ {max(2, deep_from)}"
+        if deep_from is not None and (part[column] >= max(2, deep_from)).any():
+            part = part[part[column] >= max(2, deep_from)]
+            where = f" at {words} ≥ {max(2, deep_from)}"
         else:
             where = ""
         part_ratios = part["_ratio"].dropna()

@@ -16,6 +16,7 @@ from toolkit.analysis.findings import (
     _num,
     _spearman,
     _value,
+    depth_knob,
     gradient_layers,
     regularization_knobs,
 )
@@ -105,15 +106,17 @@ def plot_objective_vs_hyperparameters(data: SearchData, out: Path) -> Path | Non
 def plot_activation_depth(data: SearchData, out: Path) -> Path | None:
     """A heatmap of the mean objective per activation and depth, with trial counts.
 
-    Drawn only for a search with a categorical ``activation`` and a numeric ``depth`` knob.
+    Drawn only for a search with a categorical ``activation`` and a numeric ``depth`` (or, for a
+    CNN, ``conv_blocks``) knob.
     """
     done = data.finished
     if done.empty or not _has_activation_and_depth(done):
         return None
-    if done["activation"].nunique() < 2 and done["depth"].nunique() < 2:
+    column, words = depth_knob(done)  # a CNN's conv_blocks when it varies, else depth
+    if done["activation"].nunique() < 2 and done[column].nunique() < 2:
         return None  # one cell: the heatmap would say nothing
-    mean = done.pivot_table(index="activation", columns="depth", values="objective", aggfunc="mean")
-    count = done.pivot_table(index="activation", columns="depth", values="objective", aggfunc="count")
+    mean = done.pivot_table(index="activation", columns=column, values="objective", aggfunc="mean")
+    count = done.pivot_table(index="activation", columns=column, values="objective", aggfunc="count")
     fig = _figure(1.6 + 1.1 * mean.shape[1], 1.4 + 0.6 * mean.shape[0])
     ax = fig.subplots()
     cmap = "viridis" if data.direction == "max" else "viridis_r"
@@ -129,7 +132,8 @@ def plot_activation_depth(data: SearchData, out: Path) -> Path | None:
                 ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black" if bright else "white")
     ax.set_xticks(range(mean.shape[1]), [str(int(d)) for d in mean.columns])
     ax.set_yticks(range(mean.shape[0]), list(mean.index))
-    ax.set(xlabel="depth (hidden layers)", ylabel="activation", title=f"mean {data.objective}")
+    xlabel = "depth (hidden layers)" if column == "depth" else words
+    ax.set(xlabel=xlabel, ylabel="activation", title=f"mean {data.objective}")
     fig.colorbar(image, ax=ax)
     return _save(fig, out / "activation_depth_heatmap.png")
 
