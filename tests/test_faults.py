@@ -6,6 +6,7 @@ Real ``toolkit tune --workers 2`` processes over a SQLite store (so the chief ru
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -173,3 +174,130 @@ def test_workers_of_a_killed_chief_close_their_runs_killed_saying_the_chief_is_g
     assert {t.data.tags.get("toolkit.failure") for t in trials} == {CHIEF_GONE}, [
         (t.data.tags, t.info.start_time, t.info.end_time) for t in trials
     ]
+
+
+def _summary_counts(output: str) -> tuple[int, int]:
+    import re
+
+    found = re.search(r"(\d+) trial\(s\) finished, (\d+) failed", output)
+    assert found, output
+    return int(found.group(1)), int(found.group(2))
+
+
+def _oracle_status(root, trial_id: str) -> str:
+    import json
+
+    (path,) = root.glob(f"**/trial_{trial_id}/trial.json")
+    return json.loads(path.read_text())["status"]
+
+
+def _trials_csv(client, parent) -> list[dict[str, str]]:
+    import csv
+
+    path = client.download_artifacts(parent.info.run_id, "trials.csv", dst_path=None)
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_worker_gives_the_same_verdict_in_summary_store_csv_and_oracle(tmp_path, store, mlflow_client):
+    launcher = _launch(tmp_path, store, "termed", "tuner.max_trials=3", "train.epochs=60")
+    children: dict[int, str] = {}
+    try:
+        victim = _mid_trial(mlflow_client, "termed", launcher, children, worker="tuner1").data.tags["toolkit.trial_id"]
+        os.kill(next(p for p, tuner in children.items() if tuner == "tuner1"), signal.SIGTERM)
+        stdout, stderr = launcher.communicate(timeout=240)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, stderr
+    parents, trials = _search(mlflow_client, "termed")
+    runs = [t for t in trials if t.data.tags["toolkit.trial_id"] == victim]
+    assert [t.info.status for t in runs] == ["FAILED"], [(t.info.status, t.data.tags.get("toolkit.failure")) for t in runs]
+    assert "worker tuner1 exited" in runs[0].data.tags["toolkit.failure"]
+    assert _oracle_status(tmp_path / "store", victim) == "FAILED"
+    finished = sum(t.info.status == "FINISHED" for t in trials)
+    failed = sum(t.info.status == "FAILED" for t in trials)
+    assert (finished, failed) == (2, 1)
+    assert _summary_counts(stdout + stderr) == (finished, failed)
+    rows = {row["trial_id"]: row["status"] for row in _trials_csv(mlflow_client, parents[0])}
+    assert rows[victim] == "FAILED" and len(rows) == 3
+    assert "RUNNING" not in {t.info.status for t in trials}
+    assert not [p for p in children if _alive(p)]
+
+
+@pytest.mark.slow
+def test_a_hung_worker_written_off_then_revived_rewrites_nothing_and_is_not_waited_for(tmp_path, store, mlflow_client):
+    launcher = _launch(tmp_path, store, "hung", "tuner.max_trials=3", "train.epochs=60", env={"TOOLKIT_WORKER_LEASE": "12"})
+    children: dict[int, str] = {}
+    try:
+        run = _mid_trial(mlflow_client, "hung", launcher, children, worker="tuner1")
+        hung = next(p for p, tuner in children.items() if tuner == "tuner1")
+        os.kill(hung, signal.SIGSTOP)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and mlflow_client.get_run(run.info.run_id).info.status == "RUNNING":
+            time.sleep(0.5)
+        verdict = mlflow_client.get_run(run.info.run_id)
+        os.kill(hung, signal.SIGCONT)  # it trains on, and its late close must change nothing
+        revived = time.monotonic()
+        stdout, stderr = launcher.communicate(timeout=240)
+        after = time.monotonic() - revived
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        if launcher.poll() is None:
+            launcher.kill()
+    assert verdict.info.status == "FAILED", verdict.data.tags
+    assert "sent no heartbeat" in verdict.data.tags["toolkit.failure"]
+    assert launcher.returncode == 0, stderr
+    assert after < 50, f"the chief waited {after:.0f}s for a worker it had written off"
+    closed = mlflow_client.get_run(run.info.run_id)
+    assert (closed.info.status, closed.data.tags["toolkit.failure"]) == ("FAILED", verdict.data.tags["toolkit.failure"])
+    parents, trials = _search(mlflow_client, "hung")
+    finished = Counter(t.data.tags["toolkit.trial_id"] for t in trials if t.info.status == "FINISHED")
+    assert all(n == 1 for n in finished.values()) and len(finished) == 2
+    assert _summary_counts(stdout + stderr) == (2, 1)
+    assert "RUNNING" not in {t.info.status for t in trials}
+    assert not [p for p in children if _alive(p)]
+
+
+@pytest.mark.slow
+def test_a_killed_tracking_server_stops_the_search_in_seconds_and_the_resume_trusts_the_oracle(tmp_path, store, mlflow_client):
+    launcher = _launch(tmp_path, store, "serverless", "tuner.max_trials=3", "train.epochs=100")
+    children: dict[int, str] = {}
+    try:
+        _mid_trial(mlflow_client, "serverless", launcher, children)
+        tree = _descendants(launcher.pid)
+        # `mlflow server` itself, not the guard whose argv holds the same command.
+        (server,) = [pid for pid, argv in tree.items() if b"-m\0mlflow\0server" in argv and b"guard.py" not in argv]
+        os.kill(server, signal.SIGKILL)
+        killed = time.monotonic()
+        stdout, stderr = launcher.communicate(timeout=120)
+        took = time.monotonic() - killed
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and [p for p in tree if _alive(p)]:
+            time.sleep(0.5)
+        left = {p: tree[p] for p in tree if _alive(p)}
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        for pid in tree:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert launcher.returncode == 1, stderr
+    assert took < 30, f"exit {took:.1f}s after the tracking server died"
+    assert "tracking server" in stderr and "exited" in stderr and "Traceback" not in stderr
+    assert not left, f"outlived the chief: {left}"
+    parents, trials = _search(mlflow_client, "serverless")
+    assert parents and "RUNNING" not in {r.info.status for r in [*parents, *trials]}
+
+    again = _tune(
+        tmp_path, store, 2, "data.source=iris", "tracking.experiment=serverless", "tuner.max_trials=3", "train.epochs=100"
+    )
+    assert again.returncode == 0, again.stderr
+    parents, trials = _search(mlflow_client, "serverless")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    finished = Counter(t.data.tags["toolkit.trial_id"] for t in trials if t.info.status == "FINISHED")
+    assert finished == Counter({"0": 1, "1": 1, "2": 1}), finished
+    assert "RUNNING" not in {t.info.status for t in trials}

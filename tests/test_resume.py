@@ -192,3 +192,54 @@ def test_resume_closes_left_open_runs_by_the_oracles_word(store, mlflow_client):
     assert got["1"].info.status == "FINISHED" and "toolkit.failure" not in got["1"].data.tags
     assert got["2"].info.status == "FAILED" and got["2"].data.tags["toolkit.failure"] == "ValueError: boom"
     assert got["3"].info.status == "KILLED" and "rerun" in got["3"].data.tags["toolkit.failure"]
+
+
+def test_a_late_process_never_rewrites_a_run_another_closed(store, mlflow_client):
+    from toolkit import tracking
+
+    cfg = shrunk("quickstart")
+    chief = tracking.SearchTracker(cfg, store)
+    chief.start_search("late")
+    worker = tracking.SearchTracker(cfg, store)
+    worker.attach(chief.parent_run_id)
+    run = worker.start_trial("0", {"depth": 1})
+    # The chief writes the worker off and closes its run; the worker comes back later.
+    assert chief.end_trial(run, "FAILED", failure="worker tuner1 sent no heartbeat", force=True)
+    assert not worker.end_trial(run, "FINISHED", metrics={"best_val_accuracy": 0.99})
+    worker.open_runs.add(run)
+    worker.close_open_runs("KILLED", "interrupted")
+    got = mlflow_client.get_run(run)
+    assert got.info.status == "FAILED" and got.data.tags["toolkit.failure"] == "worker tuner1 sent no heartbeat"
+    assert "best_val_accuracy" not in got.data.metrics
+
+
+def test_a_completed_trial_left_open_is_closed_with_the_oracles_summaries_not_a_short_history(store, mlflow_client):
+    from toolkit import tracking
+
+    cfg = shrunk("quickstart")
+    tracker = tracking.SearchTracker(cfg, store)
+    tracker.start_search("short")
+    run = tracker.start_trial("0", {"depth": 1})
+    tracking.log_metrics(store, run, {"val_accuracy": 0.5}, step=0)  # the store lost epochs 1-3
+    oracle = {"best_val_accuracy": 0.9, "best_epoch": 3, "best_val_loss": 0.2, "epochs": 4}
+
+    assert tracker.close_stale_trials(completed={"0": oracle}) == 1
+
+    got = mlflow_client.get_run(run)
+    assert got.info.status == "FINISHED"
+    assert got.data.metrics["best_val_accuracy"] == 0.9 and got.data.metrics["best_epoch"] == 3
+    assert "epochs" not in got.data.metrics
+    assert "1 of the 4 epochs" in got.data.tags["toolkit.history_incomplete"]
+
+
+def test_oracle_summaries_read_every_epoch_the_oracle_recorded(tmp_path):
+    import keras_tuner as kt
+
+    from toolkit.tuner import oracle_summaries
+
+    trial = kt.engine.trial.Trial(kt.HyperParameters(), trial_id="0")
+    for step, (acc, loss) in enumerate([(0.5, 1.0), (0.8, 0.4), (0.7, 0.6)]):
+        trial.metrics.update("val_accuracy", acc, step=step)
+        trial.metrics.update("val_loss", loss, step=step)
+    summary = oracle_summaries(trial, "val_accuracy", "max")
+    assert summary == {"best_val_accuracy": 0.8, "best_epoch": 1, "best_val_loss": 0.4, "epochs": 3}

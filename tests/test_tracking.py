@@ -8,11 +8,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -379,9 +381,28 @@ def test_champion_is_served_over_http(champion_search, monkeypatch):
         local = np.asarray(mlflow.pyfunc.load_model("models:/quickstart@champion").predict(rows))
         assert served.shape == (8, 10)
         np.testing.assert_allclose(served, local, atol=1e-5)
+        # Non-finite inputs answer 400 with a reason, not 200 with a meaningless prediction.
+        row = json.dumps(rows[:1].tolist())
+        for literal in ("NaN", "Infinity", "-Infinity", "null", "1e400"):
+            body = ('{"inputs": ' + re.sub(r"-?[0-9][0-9.e+-]*", literal, row, count=1) + "}").encode()
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=60)
+            assert refused.value.code == 400, literal
+            assert "finite number" in refused.value.read().decode() or literal == "null", literal
+        # What the README says of MLflow's scoring server (3.17): no Content-Type answers 500.
+        import http.client
+
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request("POST", "/invocations", body=json.dumps({"inputs": rows.tolist()}))
+        assert connection.getresponse().status == 500
+        connection.close()
     finally:
         # The server forks uvicorn workers: stop the whole group it leads.
         _stop_group(server)
+    assert "━" not in server.stderr.read(), "a Keras progress bar per prediction in the server's log"
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
@@ -433,3 +454,40 @@ def test_a_signal_mid_trial_exits_130_with_the_runs_killed(tmp_path, signum):
     killed = [t for t in trials if t.info.status == "KILLED"]
     # The signal landed in an epoch: that trial's run is the one killed, with the reason.
     assert len(killed) == 1 and "interrupted" in killed[0].data.tags["toolkit.failure"]
+
+
+def test_the_served_champion_refuses_non_finite_inputs_and_predicts_quietly(champion_search, monkeypatch, capfd):
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    from toolkit.tracking import serving
+
+    cfg, _, _, uri, _ = champion_search
+    dataset = load_dataset(cfg.data, cfg.seed)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model = mlflow.pyfunc.load_model("models:/quickstart@champion")
+    assert model.metadata.flavors["python_function"]["loader_module"] == serving.MODULE_NAME
+    assert "keras" in model.metadata.flavors  # the Keras flavor is untouched
+    rows = dataset.x_test[:4].astype("float32")
+    capfd.readouterr()
+    good = np.asarray(model.predict(rows))
+    assert good.shape == (4, 10)
+    assert "━" not in capfd.readouterr().out  # no Keras progress bar per prediction
+    for bad in (np.nan, np.inf, -np.inf):
+        poisoned = rows.copy()
+        poisoned.flat[5] = bad
+        with pytest.raises(MlflowException) as refused:
+            model.predict(poisoned)
+        assert refused.value.get_http_status_code() == 400
+        assert "must be a finite number" in refused.value.message
+    with pytest.raises(MlflowException, match="is null"):
+        serving.check_finite(np.array([[1.0, None]], dtype=object))
+    with pytest.raises(MlflowException, match="must be a number"):
+        serving.check_finite([["a", 1.0]])
+    # The loader travels with the model: its code folder holds it, so serving needs no toolkit install.
+    import mlflow.artifacts
+
+    local = Path(mlflow.artifacts.download_artifacts("models:/quickstart@champion"))
+    assert (local / "code" / f"{serving.MODULE_NAME}.py").is_file()
+    assert Model.load(str(local / "MLmodel")).flavors["python_function"]["code"] == "code"

@@ -27,8 +27,13 @@ from toolkit.distributed.servicer import OracleServer, Status, _locked, _Service
 
 if TYPE_CHECKING:
     from toolkit.distributed.launcher import LocalWorkers
+    from toolkit.distributed.server import TrackingServer
 
 log = logging.getLogger(__name__)
+
+
+class TrackingServerGone(RuntimeError):
+    """The search's private tracking server exited: nothing more can be recorded, so the search stops."""
 
 
 class Chief:
@@ -45,6 +50,9 @@ class Chief:
             workers). Defaults to one made here on ``bind``.
         token: The token every RPC must carry. Defaults to None (``--insecure``).
         tls: The chief's certificate and key. Defaults to None (plain TCP).
+        tracking_server: The private ``mlflow server`` the search logs through, watched while
+            serving: if it exits, the search stops at once (exit 1) and the chief closes its runs
+            on the server's SQLite file directly. Defaults to None.
     """
 
     def __init__(
@@ -57,8 +65,10 @@ class Chief:
         server: OracleServer | None = None,
         token: str | None = None,
         tls: ServerTLS | None = None,
+        tracking_server: TrackingServer | None = None,
     ) -> None:
         self.bind = bind
+        self.tracking_server = tracking_server
         self.on_trial = on_trial
         self.workers = workers
         self.lease = lease or _env_seconds(ENV_WORKER_LEASE, DEFAULT_WORKER_LEASE)
@@ -99,19 +109,51 @@ class Chief:
                 if not finished and self.server.servicer is not None:
                     self.server.servicer.stopping = True  # before any worker is stopped: none takes a new trial
                 if self.workers is not None and not finished:
-                    self.workers.stop()
+                    # Workers whose tracking server is gone cannot close their runs: no waiting for them.
+                    self.workers.stop(patience=2 if self._server_gone() else 20)
                 self.server.stop()
                 with contextlib.suppress(Exception), _locked(oracle):
                     oracle.save()  # what the workers ended last, and no trial left "ongoing" that ended
+                if not finished:
+                    # The workers are gone: what they left RUNNING is closed by the oracle's word.
+                    with contextlib.suppress(Exception):
+                        tracker.close_stale_trials(self._completed(tuner))
         if self.server.servicer.failure is not None:
             # run_search reports KerasTuner's "consecutive failures" as the search's stop reason.
             raise self.server.servicer.failure
-        completed = {tid for tid, t in oracle.trials.items() if t.status == Status.COMPLETED}
-        tracker.close_stale_trials(completed)  # a worker lost after its trial ended left the run open
+        tracker.close_stale_trials(self._completed(tuner))  # a worker lost after its trial ended left the run open
+
+    @staticmethod
+    def _completed(tuner: Any) -> dict[str, dict[str, float]]:
+        """Completed trial id → the oracle's summaries of it."""
+        objective = tuner.oracle.objective
+        direction = getattr(objective, "direction", "max")
+        return {
+            tid: tuning.oracle_summaries(t, objective.name, direction)
+            for tid, t in tuner.oracle.trials.items()
+            if t.status == Status.COMPLETED
+        }
+
+    def _server_gone(self) -> bool:
+        return self.tracking_server is not None and self.tracking_server.exit_code() is not None
+
+    def _watch_tracking(self, tracker: tracking.SearchTracker) -> None:
+        """Stop the search if its private tracking server exited (killed, out of memory, a crash)."""
+        if not self._server_gone():
+            return
+        code = self.tracking_server.exit_code()
+        # The chief closes its runs on the database itself: the server that fronted it is gone.
+        tracker.uri = self.tracking_server.backend_uri
+        raise TrackingServerGone(
+            f"the search's tracking server ({self.tracking_server.uri}) exited with code {code}, so nothing more "
+            f"could be recorded; the search stopped and its runs were closed on {tracker.uri}. "
+            f"Its log: {self.tracking_server.log_path}. Rerun the same command to resume"
+        )
 
     def _serve(self, tuner: Any, tracker: tracking.SearchTracker) -> None:
         servicer = self.server.servicer
         while True:
+            self._watch_tracking(tracker)
             if self.workers is not None:
                 for tuner_id, code in self.workers.exited():
                     if code != 0:
@@ -148,6 +190,8 @@ class Chief:
         reason = f"worker {tuner_id} {why}"
         trial = servicer.reclaim(tuner_id, reason)
         self.lost[tuner_id] = why
+        if self.workers is not None:
+            self.workers.written_off.add(tuner_id)
         if trial is None:
             log.warning("%s; it held no trial", reason)
             return
@@ -158,12 +202,20 @@ class Chief:
             else "the trial is FAILED (no retries left: tuner.max_retries_per_trial)"
         )
         log.warning("%s during trial %s; %s", reason, trial.trial_id, outcome)
-        for run in tracker.trial_runs(status="RUNNING"):
-            tags = run.data.tags
-            if tags.get("toolkit.trial_id") == trial.trial_id and tags.get("toolkit.worker") == tuner_id:
-                tracker.end_trial(
-                    run.info.run_id, "KILLED" if retried else "FAILED", failure=f"{reason} during this trial; {outcome}"
-                )
+        # The worker's latest run of the trial: still RUNNING, or closed KILLED by the worker itself
+        # (a SIGTERM). The oracle's verdict is the run's: KILLED when it is retried, else FAILED,
+        # so the summary, trials.csv and a resume read the same state as the oracle.
+        runs = [
+            run
+            for run in tracker.trial_runs()
+            if run.data.tags.get("toolkit.trial_id") == trial.trial_id and run.data.tags.get("toolkit.worker") == tuner_id
+        ]
+        if not runs:
+            return
+        latest = max(runs, key=lambda r: r.info.start_time or 0)
+        status = "KILLED" if retried else "FAILED"
+        if latest.info.status == "RUNNING" or (latest.info.status == "KILLED" and status == "FAILED"):
+            tracker.end_trial(latest.info.run_id, status, failure=f"{reason} during this trial; {outcome}", force=True)
 
 
 def _drop_ended_retries(oracle: Any) -> None:
@@ -195,6 +247,7 @@ def run_chief(
     server: OracleServer | None = None,
     token: str | None = None,
     tls: ServerTLS | None = None,
+    tracking_server: TrackingServer | None = None,
 ) -> tuning.SearchResult:
     """Run the chief: create (or resume) the search's parent run and serve the oracle until the workers finish.
 
@@ -209,12 +262,13 @@ def run_chief(
         server: The oracle's server, already bound on ``bind``. Defaults to one made on ``bind``.
         token: The token every RPC must carry. Defaults to None (``--insecure``).
         tls: The chief's certificate and key. Defaults to None (plain TCP).
+        tracking_server: The private tracking server to watch. Defaults to None.
 
     Returns:
         The search, summarized after the last worker left.
     """
     # KerasTuner reads these when the tuner is built: the chief keeps the real oracle and saves it.
     os.environ.update({ENV_TUNER_ID: "chief", ENV_ORACLE_IP: bind.host, ENV_ORACLE_PORT: str(bind.port)})
-    chief = Chief(bind, on_trial=on_trial, workers=workers, server=server, token=token, tls=tls)
+    chief = Chief(bind, on_trial=on_trial, workers=workers, server=server, token=token, tls=tls, tracking_server=tracking_server)
     # The search's lock names this address, so a second command of the card is told how to join.
     return tuning.run_search(cfg, fresh=fresh, uri=uri, workdir=workdir, serve=chief, oracle=f"{bind.host}:{bind.port}")

@@ -5,8 +5,9 @@ library only.
 
 ``mlflow server`` runs uvicorn in a process of its own, and a SIGTERM to ``mlflow`` alone leaves
 that one behind. The guard runs the command in its own process group (the guard's), and when its
-parent dies (``PR_SET_PDEATHSIG`` on Linux, else a changed parent pid within half a second) or it
-is told to stop, it stops the whole group: SIGTERM, then SIGKILL after a few seconds.
+parent dies (``PR_SET_PDEATHSIG`` on Linux, else a changed parent pid within half a second), it
+is told to stop, or the command itself dies, it stops the whole group: SIGTERM, then SIGKILL
+after a few seconds.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def main(argv: list[str]) -> int:
     while True:
         code = child.poll()
         if code is not None:
-            return code
+            # The command died (killed, crashed): what it started (uvicorn) must not serve on
+            # without it, so the group goes too, and the guard with it.
+            return _stop_group(child)
         if stop or os.getppid() != parent:
             return _stop_group(child)
         time.sleep(0.5)

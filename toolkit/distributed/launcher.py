@@ -50,6 +50,8 @@ class LocalWorkers:
         self.codes: dict[str, int] = {}
         self._relays: list[threading.Thread] = []
         self._stopping = threading.Event()  # once set, the workers' farewells are not relayed
+        # Workers the chief wrote off (no heartbeat within the lease, say): hung, so not waited for.
+        self.written_off: set[str] = set()
 
     def start(self, oracle: Address, uri: str, token: str | None = None, store: Path | None = None) -> None:
         """Start the workers against the oracle at ``oracle``, logging to ``uri``.
@@ -133,22 +135,30 @@ class LocalWorkers:
     def all_exited(self) -> bool:
         return bool(self.procs) and all(proc.poll() is not None for proc in self.procs.values())
 
-    def stop(self, graceful: bool = False) -> None:
+    def stop(self, graceful: bool = False, patience: float = 20) -> None:
         """Stop every worker: wait for them when the search finished, else SIGTERM (runs are marked KILLED) then SIGKILL.
+
+        A worker the chief wrote off is not waited for even after a finished search: it is hung
+        (stopped, deadlocked), and its trial was already handed on or failed. It is stopped at once.
 
         Args:
             graceful: The search finished and workers are leaving by themselves. Defaults to False.
+            patience: Seconds a SIGTERMed worker gets to close its runs. Defaults to 20.
         """
         deadline = time.monotonic() + 60
+        hung = {tid: proc for tid, proc in self.procs.items() if tid in self.written_off}
         if not graceful:
             self._stopping.set()  # "interrupted: ..." from each worker would only repeat the launcher's message
-            for proc in self.procs.values():  # all at once: none takes a new trial while another stops
-                if proc.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGTERM)
+        for tuner_id, proc in self.procs.items():  # all at once: none takes a new trial while another stops
+            if proc.poll() is None and (not graceful or tuner_id in hung):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
         try:
-            terminated = time.monotonic() + 20  # the SIGTERMs above: runs are closed KILLED meanwhile
-            for proc in self.procs.values():
+            terminated = time.monotonic() + patience  # the SIGTERMs above: runs are closed KILLED meanwhile
+            for tuner_id, proc in self.procs.items():
+                if tuner_id in hung:
+                    _stop_group(proc, grace=2)  # a stopped process only leaves with SIGKILL
+                    continue
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=max(0.1, (deadline if graceful else terminated) - time.monotonic()))
                 _stop_group(proc, grace=20 if graceful else 2)
@@ -157,7 +167,7 @@ class LocalWorkers:
                 _stop_group(proc, grace=5)
             raise
         for tuner_id, code in self.exited():
-            if code != 0 and graceful:
+            if code != 0 and graceful and tuner_id not in hung:
                 log.warning("worker %s exited with code %d after the search", tuner_id, code)
         for relay in self._relays:
             relay.join(timeout=2)
@@ -228,6 +238,7 @@ def run_local(
             workers=workers,
             server=oracle_server,
             token=token,
+            tracking_server=server,
         )
         finished = True
         return result

@@ -95,6 +95,10 @@ class TrackingServer:
             f"`mlflow server` over {self.backend_uri} did not start within {timeout:g}s; its output ({self.log_path}):\n{tail}"
         )
 
+    def exit_code(self) -> int | None:
+        """The server's exit code once it has exited; None while it runs (or before it started)."""
+        return self._proc.poll() if self._proc is not None else None
+
     def stop(self) -> None:
         if self._proc is not None:
             _stop_group(self._proc, grace=10)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from toolkit.tracking.environment import pinned_requirements
@@ -24,6 +26,29 @@ def _save_keras_model(path: str, **kwargs: Any) -> None:
 
     os.makedirs(path, exist_ok=True)
     mlflow.keras.save_model(path=path, **kwargs)
+    _serve_through_toolkit_loader(path, kwargs.get("mlflow_model"))
+
+
+def _serve_through_toolkit_loader(path: str, mlflow_model: Any = None) -> None:
+    """Make ``toolkit/tracking/serving.py`` the saved model's ``python_function`` loader.
+
+    The file is copied into the model's ``code/`` folder, so the model serves (``mlflow models
+    serve``, ``mlflow.pyfunc.load_model``) where the toolkit is not installed. The Keras flavor
+    itself is unchanged: ``mlflow.keras.load_model`` gives the plain Keras model.
+    """
+    from mlflow.models import Model
+
+    from toolkit.tracking import serving
+
+    code = Path(path) / "code"
+    code.mkdir(exist_ok=True)
+    shutil.copyfile(serving.__file__, code / f"{serving.MODULE_NAME}.py")
+    mlmodel = Path(path) / "MLmodel"
+    model = mlflow_model if mlflow_model is not None else Model.load(str(mlmodel))
+    pyfunc = model.flavors["python_function"]
+    pyfunc["loader_module"] = serving.MODULE_NAME
+    pyfunc["code"] = "code"
+    model.save(str(mlmodel))
 
 
 class _KerasFlavor:

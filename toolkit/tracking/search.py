@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -203,24 +204,31 @@ class SearchTracker:
             query += f" and attributes.status = '{status}'"
         return self.client.search_runs([self.ensure_experiment()], filter_string=query, max_results=50_000)
 
-    def close_stale_trials(self, completed: set[str] | None = None, failed: dict[str, str] | None = None) -> int:
+    def close_stale_trials(
+        self, completed: Mapping[str, dict[str, float]] | set[str] | None = None, failed: dict[str, str] | None = None
+    ) -> int:
         """On resume, reconcile trial runs with what the tuner's oracle recorded. Returns how many changed.
 
         A process killed (``kill -9``, a crash) leaves its trial's run RUNNING. Such a run is
         closed by the oracle's word:
 
         - the oracle recorded the trial as completed: the run is closed FINISHED, with the
-          summaries trial end would have logged (from its per-epoch history). The same holds for
-          a run an interrupt closed KILLED in the instant after the oracle recorded the trial,
-          so the trial, which is not rerun, still has its FINISHED run;
+          summaries trial end would have logged. They come from the oracle's own record of the
+          trial when ``completed`` maps ids to it (MLflow's per-epoch history of a run whose
+          process died may miss its last epochs: a dead tracking server loses what was queued),
+          else from the run's history. The same holds for a run an interrupt closed KILLED in
+          the instant after the oracle recorded the trial, so the trial, which is not rerun,
+          still has its FINISHED run;
         - the oracle recorded it as failed: FAILED, with the oracle's reason;
         - otherwise: KILLED, since the oracle runs the trial again.
 
         Args:
-            completed: Trial ids the oracle recorded as completed. Defaults to none.
+            completed: Trial ids the oracle recorded as completed, or id → the oracle's summary
+                metrics (``best_<metric>``, ``best_epoch``, ``epochs``). Defaults to none.
             failed: Trial id → reason, for trials the oracle recorded as failed. Defaults to none.
         """
-        completed, failed = completed or set(), failed or {}
+        completed = completed if isinstance(completed, Mapping) else dict.fromkeys(completed or (), None)
+        failed = failed or {}
         by_trial: dict[str, list[Any]] = {}
         for run in self.trial_runs():
             by_trial.setdefault(run.data.tags.get("toolkit.trial_id", ""), []).append(run)
@@ -233,7 +241,8 @@ class SearchTracker:
                     latest = max(candidates, key=lambda r: r.info.start_time or 0)
                     if "toolkit.failure" in latest.data.tags:
                         self.client.delete_tag(latest.info.run_id, "toolkit.failure")
-                    self.end_trial(latest.info.run_id, "FINISHED", metrics=self._summaries_from_history(latest))
+                    summary = self._closing_summary(latest, completed[tid])
+                    self.end_trial(latest.info.run_id, "FINISHED", metrics=summary, force=True)
                     open_runs = [r for r in open_runs if r is not latest]
                     changed += 1
             for run in open_runs:
@@ -245,9 +254,28 @@ class SearchTracker:
                 else:
                     reason = "the process running this trial stopped (killed or crashed); the trial is rerun"
                     status = "KILLED"
-                self.end_trial(run.info.run_id, status, failure=reason)
+                self.end_trial(run.info.run_id, status, failure=reason, force=True)
                 changed += 1
         return changed
+
+    def _closing_summary(self, run: Any, oracle: dict[str, float] | None) -> dict[str, float]:
+        """The summaries of a completed trial whose run was left open: the oracle's when known.
+
+        A run whose MLflow history holds fewer epochs than the oracle recorded gets the tag
+        ``toolkit.history_incomplete``, so its curves are not mistaken for the whole trial.
+        """
+        if not oracle:
+            return self._summaries_from_history(run)
+        summary = {k: v for k, v in oracle.items() if k != "epochs"}
+        epochs = int(oracle.get("epochs") or 0)
+        logged = len(self.client.get_metric_history(run.info.run_id, self.cfg.objective)) if epochs else 0
+        if logged < epochs:
+            self.client.set_tag(
+                run.info.run_id,
+                "toolkit.history_incomplete",
+                f"MLflow holds {logged} of the {epochs} epochs the oracle recorded; the summaries are the oracle's",
+            )
+        return summary
 
     def _summaries_from_history(self, run: Any) -> dict[str, float]:
         from toolkit.config import objective_direction
@@ -289,11 +317,14 @@ class SearchTracker:
         failure: str | None = None,
         metrics: dict[str, float] | None = None,
         details: str | None = None,
-    ) -> None:
+        force: bool = False,
+    ) -> bool:
         """Close a trial's run as FINISHED, FAILED (with the reason as a tag) or KILLED.
 
         Summary metrics and the failure tag go in one batched call: per-trial calls are the
-        tracking overhead that counts.
+        tracking overhead that counts. A run that is no longer RUNNING is left as it is, unless
+        ``force``: the chief or a resume closed it already (its worker was written off, say), and
+        a late process must not rewrite their verdict.
 
         Args:
             run_id: The trial's run.
@@ -301,7 +332,14 @@ class SearchTracker:
             failure: The one-line reason, as the tag ``toolkit.failure``. Defaults to None.
             metrics: Summary metrics (best values, best epoch, seconds). Defaults to None.
             details: The full traceback of a failure, logged as ``failure.txt``. Defaults to None.
+            force: Close the run whatever its state (the oracle's word on resume). Defaults to False.
+
+        Returns:
+            Whether the run was closed here.
         """
+        if not force and not self._still_open(run_id):
+            self.open_runs.discard(run_id)
+            return False
         if details:
             self.client.log_text(run_id, details, "failure.txt")
         from mlflow.entities import Metric, RunTag
@@ -314,6 +352,14 @@ class SearchTracker:
         # Drains MLflow's async queue first, so the run is complete once it is closed.
         self.client.set_terminated(run_id, status=status)
         self.open_runs.discard(run_id)
+        return True
+
+    def _still_open(self, run_id: str) -> bool:
+        run = self._get_run(run_id)
+        if run is None or run.info.status == "RUNNING":
+            return True  # a store that cannot answer: closing is still the right attempt
+        log.info("run %s was already closed %s by another process; left as it is", run_id, run.info.status)
+        return False
 
     def log_data_summary(self, dataset: Any) -> None:
         """On the parent run: the data's task, sizes and digest as tags, and for classification
@@ -421,6 +467,8 @@ class SearchTracker:
         for run_id in list(self.open_runs):
             for _ in range(2):  # once more if a second signal cut the first attempt short
                 try:
+                    if not self._still_open(run_id):  # the chief or a resume closed it: their word stands
+                        break
                     self.client.log_batch(run_id, tags=[RunTag("toolkit.failure", reason[-4000:])])
                     self.client.set_terminated(run_id, status=status)
                     break

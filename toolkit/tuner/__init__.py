@@ -32,6 +32,7 @@ from toolkit.tuner.results import (
     _nan_epoch,
     _result_from_run,
     _trial_metrics,
+    oracle_summaries,
     trials_rows,
 )
 from toolkit.tuner.resume import _file_sha256, _read_state, project_dir, resolved_card_yaml, search_id
@@ -64,6 +65,7 @@ __all__ = [
     "search_inputs",
     "task_metrics",
     "tracked_tuner",
+    "oracle_summaries",
     "trials_rows",
     "tuner_class",
     # Private helpers that other modules reach through the package.

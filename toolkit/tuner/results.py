@@ -114,6 +114,30 @@ def _trial_metrics(trial: Any, objective: str) -> tuple[dict[str, float], int | 
     return metrics, best_epoch
 
 
+def oracle_summaries(trial: Any, objective: str, direction: str) -> dict[str, float]:
+    """The summaries a trial's run gets at its end, from the oracle's own record of the trial.
+
+    The oracle holds every epoch the trial reported (``update_trial`` per epoch), so these stand
+    when MLflow's copy of the history is short. Returns ``best_<metric>`` for every metric, the
+    objective's ``best_epoch`` and the number of ``epochs`` recorded.
+    """
+    summary: dict[str, float] = {}
+    epochs = 0
+    for name, history in trial.metrics.metrics.items():
+        points = [(int(obs.step), float(np.mean(obs.value))) for obs in history.get_history()]
+        points = [(step, value) for step, value in points if math.isfinite(value)]
+        if not points:
+            continue
+        lower = (direction if name == objective else objective_direction(name)) == "min"
+        step, value = (min if lower else max)(points, key=lambda sv: sv[1])
+        summary[f"best_{name}"] = value
+        if name == objective:
+            summary["best_epoch"] = step
+            epochs = len(points)
+    summary["epochs"] = epochs
+    return summary
+
+
 def trials_rows(trials: list[TrialResult]) -> list[dict[str, Any]]:
     """``trials.csv``: one row per trial with its hyperparameters, final and best metrics."""
     metric_names: dict[str, None] = {}

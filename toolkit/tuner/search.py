@@ -19,7 +19,15 @@ from toolkit.config import ConfigError, ExperimentConfig
 from toolkit.data import Dataset, load_dataset, make_pipeline
 from toolkit.strategy import StrategyInfo, make_strategy
 from toolkit.tuner.lock import SearchLock
-from toolkit.tuner.results import SearchResult, TrialResult, _all_trials, _best, _failure_reason, trials_rows
+from toolkit.tuner.results import (
+    SearchResult,
+    TrialResult,
+    _all_trials,
+    _best,
+    _failure_reason,
+    oracle_summaries,
+    trials_rows,
+)
 from toolkit.tuner.resume import _read_state, project_dir, search_id
 from toolkit.tuner.tracked import prune_checkpoints, tracked_tuner
 
@@ -154,7 +162,9 @@ def _search(
         tuner = tracked_tuner(cfg, dataset, info, tracker, workdir, model, on_trial)
         if resumed:
             trials = tuner.oracle.trials
-            completed = {tid for tid, t in trials.items() if t.status == "COMPLETED"}
+            completed = {
+                tid: oracle_summaries(t, cfg.objective, cfg.direction) for tid, t in trials.items() if t.status == "COMPLETED"
+            }
             failed = {tid: _failure_reason(t.message) for tid, t in trials.items() if t.status == "FAILED"}
             closed = tracker.close_stale_trials(completed, failed)
             if closed:
