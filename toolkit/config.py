@@ -511,7 +511,7 @@ def check_image_family(family: str, source: str, shape: tuple[int, ...] | None |
     image_sources = ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in IMAGE_SOURCES.items())
     offer = f"Image sources: {image_sources}, shapes (image_size, default {SHAPES_SIDE}), or an .npz of (N, H, W[, C])"
     if shape is None or len(shape) not in (2, 3):
-        got = "tabular rows" if shape is None else f"samples of shape {tuple(shape)}"
+        got = "tabular rows" if shape is None else "samples that are not (H, W, C) images"
         raise ValueError(f"model.family {family!r} needs {needs}; data.source {source!r} gives {got}. {offer}")
     if min(shape[:2]) < side:
         smaller = "; use model.family: cnn for small images" if family != "cnn" else ""

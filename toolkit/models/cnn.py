@@ -191,7 +191,8 @@ def check_images(family: str, cfg: Any, dataset: Any) -> None:
     Raises:
         ConfigError: On ``data.source``: not images, too small for the family, or a regression target.
     """
-    shape = dataset.image_shape if dataset.is_image else (None if dataset.x_train.ndim == 2 else dataset.input_shape)
+    # Samples of one row (N, 1, W, C) or of other ranks are not images: refused as tabular data would be.
+    shape = dataset.image_shape if dataset.is_image else (None if dataset.x_train.ndim == 2 else ())
     try:
         check_image_family(family, cfg.data.source, shape)
     except ValueError as exc:
