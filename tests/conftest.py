@@ -25,6 +25,43 @@ hypothesis_settings.register_profile("toolkit", database=None)
 hypothesis_settings.load_profile("toolkit")
 
 
+# A test writes only under tmp_path: after the suite, no file in the checkout is new or changed,
+# ignored ones included (mlruns/ above all). Only these may change.
+_MAY_CHANGE = {".venv", ".git", "__pycache__", ".pytest_cache", ".ruff_cache", "toolkit.egg-info"}
+
+
+def _checkout_files() -> dict[str, tuple[int, int]]:
+    files = {}
+    for folder, subdirs, names in os.walk(ROOT):
+        subdirs[:] = [d for d in subdirs if d not in _MAY_CHANGE]
+        for name in names:
+            path = os.path.join(folder, name)
+            try:
+                stat = os.stat(path)
+            except OSError:
+                continue
+            files[os.path.relpath(path, ROOT)] = (stat.st_mtime_ns, stat.st_size)
+    return files
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config._checkout_before = _checkout_files()  # type: ignore[attr-defined]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    before = getattr(session.config, "_checkout_before", None)
+    if before is None or os.environ.get("TOOLKIT_SKIP_CHECKOUT_CHECK"):
+        return
+    after = _checkout_files()
+    written = sorted(path for path, stamp in after.items() if before.get(path) != stamp)
+    if written:
+        shown = ", ".join(written[:10]) + (f" and {len(written) - 10} more" if len(written) > 10 else "")
+        session.config.get_terminal_writer().line(
+            f"\ntests wrote into the checkout (a test must write only under tmp_path): {shown}", red=True
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture(autouse=True)
 def _seeds() -> None:
     random.seed(0)

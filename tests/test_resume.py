@@ -220,19 +220,34 @@ def test_a_completed_trial_left_open_is_closed_with_the_oracles_summaries_not_a_
     tracker = tracking.SearchTracker(cfg, store)
     tracker.start_search("short")
     run = tracker.start_trial("0", {"depth": 1})
-    tracking.log_metrics(store, run, {"val_accuracy": 0.5}, step=0)  # the store lost epochs 1-3
-    oracle = {"best_val_accuracy": 0.9, "best_epoch": 3, "best_val_loss": 0.2, "epochs": 4}
+    tracking.log_metrics(store, run, {"val_accuracy": 0.5, "val_loss": 0.9}, step=0)  # the store lost epochs 1-3
+    oracle = {"best_val_accuracy": 0.9, "best_epoch": 3}  # KerasTuner's report, at the trial's best epoch
 
     assert tracker.close_stale_trials(completed={"0": oracle}) == 1
 
     got = mlflow_client.get_run(run)
     assert got.info.status == "FINISHED"
     assert got.data.metrics["best_val_accuracy"] == 0.9 and got.data.metrics["best_epoch"] == 3
-    assert "epochs" not in got.data.metrics
-    assert "1 of the 4 epochs" in got.data.tags["toolkit.history_incomplete"]
+    assert got.data.metrics["best_val_loss"] == 0.9  # the other metrics' summaries come from the history
+    assert "stops at epoch 0, before the oracle's best epoch 3" in got.data.tags["toolkit.history_incomplete"]
 
 
-def test_oracle_summaries_read_every_epoch_the_oracle_recorded(tmp_path):
+def test_a_run_interrupted_after_the_oracle_failed_its_trial_is_closed_failed_on_resume(store, mlflow_client):
+    from toolkit import tracking
+
+    cfg = shrunk("quickstart")
+    tracker = tracking.SearchTracker(cfg, store)
+    tracker.start_search("failed-then-killed")
+    run = tracker.start_trial("0", {"depth": 1})
+    tracker.end_trial(run, "KILLED", failure="interrupted")  # Ctrl-C between the oracle's verdict and the close
+
+    assert tracker.close_stale_trials(failed={"0": "ValueError: boom"}) == 1
+
+    got = mlflow_client.get_run(run)
+    assert got.info.status == "FAILED" and got.data.tags["toolkit.failure"] == "ValueError: boom"
+
+
+def test_oracle_summaries_give_the_oracles_best_objective_and_epoch(tmp_path):
     import keras_tuner as kt
 
     from toolkit.tuner import oracle_summaries
@@ -241,5 +256,6 @@ def test_oracle_summaries_read_every_epoch_the_oracle_recorded(tmp_path):
     for step, (acc, loss) in enumerate([(0.5, 1.0), (0.8, 0.4), (0.7, 0.6)]):
         trial.metrics.update("val_accuracy", acc, step=step)
         trial.metrics.update("val_loss", loss, step=step)
-    summary = oracle_summaries(trial, "val_accuracy", "max")
-    assert summary == {"best_val_accuracy": 0.8, "best_epoch": 1, "best_val_loss": 0.4, "epochs": 3}
+    assert oracle_summaries(trial, "val_accuracy", "max") == {"best_val_accuracy": 0.8, "best_epoch": 1}
+    assert oracle_summaries(trial, "val_loss", "min") == {"best_val_loss": 0.4, "best_epoch": 1}
+    assert oracle_summaries(trial, "val_mae", "min") == {}

@@ -117,11 +117,12 @@ class Chief:
                 if not finished:
                     # The workers are gone: what they left RUNNING is closed by the oracle's word.
                     with contextlib.suppress(Exception):
-                        tracker.close_stale_trials(self._completed(tuner))
+                        tracker.close_stale_trials(self._completed(tuner), self._failed(tuner))
         if self.server.servicer.failure is not None:
             # run_search reports KerasTuner's "consecutive failures" as the search's stop reason.
             raise self.server.servicer.failure
-        tracker.close_stale_trials(self._completed(tuner))  # a worker lost after its trial ended left the run open
+        # A worker lost after its trial ended left the run open.
+        tracker.close_stale_trials(self._completed(tuner), self._failed(tuner))
 
     @staticmethod
     def _completed(tuner: Any) -> dict[str, dict[str, float]]:
@@ -134,6 +135,11 @@ class Chief:
             if t.status == Status.COMPLETED
         }
 
+    @staticmethod
+    def _failed(tuner: Any) -> dict[str, str]:
+        """Failed trial id → the oracle's reason."""
+        return {tid: tuning._failure_reason(t.message) for tid, t in tuner.oracle.trials.items() if t.status == Status.FAILED}
+
     def _server_gone(self) -> bool:
         return self.tracking_server is not None and self.tracking_server.exit_code() is not None
 
@@ -142,12 +148,15 @@ class Chief:
         if not self._server_gone():
             return
         code = self.tracking_server.exit_code()
-        # The chief closes its runs on the database itself: the server that fronted it is gone.
+        uri, log_path = self.tracking_server.uri, self.tracking_server.log_path
+        # Whatever is left of it (uvicorn) stops first: then the chief is the database's only writer,
+        # and closes the runs on it directly.
+        self.tracking_server.stop()
         tracker.uri = self.tracking_server.backend_uri
         raise TrackingServerGone(
-            f"the search's tracking server ({self.tracking_server.uri}) exited with code {code}, so nothing more "
-            f"could be recorded; the search stopped and its runs were closed on {tracker.uri}. "
-            f"Its log: {self.tracking_server.log_path}. Rerun the same command to resume"
+            f"the search's tracking server ({uri}) exited with code {code}, so nothing more could be recorded; "
+            f"the search stops and its runs are closed on {tracker.uri}. Its log: {log_path}. "
+            "Rerun the same command to resume"
         )
 
     def _serve(self, tuner: Any, tracker: tracking.SearchTracker) -> None:
@@ -191,7 +200,10 @@ class Chief:
         trial = servicer.reclaim(tuner_id, reason)
         self.lost[tuner_id] = why
         if self.workers is not None:
-            self.workers.written_off.add(tuner_id)
+            # A local worker written off is hung (stopped, deadlocked) or dying: it is killed now,
+            # so it can neither train its lost trial on beside the retry (one checkpoint folder, two
+            # writers) nor close a run after the chief. Its run is closed below, by the chief.
+            self.workers.kill(tuner_id)
         if trial is None:
             log.warning("%s; it held no trial", reason)
             return

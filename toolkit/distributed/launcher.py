@@ -132,6 +132,14 @@ class LocalWorkers:
                 out.append((tuner_id, code))
         return out
 
+    def kill(self, tuner_id: str) -> None:
+        """SIGKILL one worker's process group at once (it works on a stopped process too)."""
+        self.written_off.add(tuner_id)
+        proc = self.procs.get(tuner_id)
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
     def all_exited(self) -> bool:
         return bool(self.procs) and all(proc.poll() is not None for proc in self.procs.values())
 

@@ -71,8 +71,14 @@ def _free_port() -> int:
 
 
 def _stop_group(proc: subprocess.Popen, grace: float) -> None:
-    """SIGTERM a child's process group (it started its own session), then SIGKILL after ``grace`` seconds."""
+    """SIGTERM a child's process group (it started its own session), then SIGKILL after ``grace`` seconds.
+
+    The group is signalled even when its leader already exited: what the leader started (uvicorn
+    under ``mlflow server``) may still run in it.
+    """
     if proc.poll() is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
         return
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         with contextlib.suppress(ProcessLookupError):

@@ -46,6 +46,9 @@ class SearchTracker:
         self.open_runs: set[str] = set()
         self._dataset_inputs: dict[tuple[str, str], Any] = {}
         self._store_ready = False
+        # Another process may close this tracker's runs once it joined a chief's search (attach):
+        # the chief, writing a worker off. A search of one process is the only one (the card's lock).
+        self._shared = False
 
     @property
     def client(self):
@@ -162,6 +165,7 @@ class SearchTracker:
             )
         self.parent_run_id = parent_run_id
         self.experiment_id = run.info.experiment_id
+        self._shared = True
         return parent_run_id
 
     def set_tags(self, tags: dict[str, str], run_id: str | None = None) -> None:
@@ -213,18 +217,18 @@ class SearchTracker:
         closed by the oracle's word:
 
         - the oracle recorded the trial as completed: the run is closed FINISHED, with the
-          summaries trial end would have logged. They come from the oracle's own record of the
-          trial when ``completed`` maps ids to it (MLflow's per-epoch history of a run whose
-          process died may miss its last epochs: a dead tracking server loses what was queued),
-          else from the run's history. The same holds for a run an interrupt closed KILLED in
+          summaries trial end would have logged, from the run's history, with the objective's
+          best value and epoch from the oracle's record when ``completed`` maps ids to it (the
+          history of a run whose process died may miss its last epochs: a dead tracking server
+          loses what was queued). The same holds for a run an interrupt closed KILLED in
           the instant after the oracle recorded the trial, so the trial, which is not rerun,
           still has its FINISHED run;
         - the oracle recorded it as failed: FAILED, with the oracle's reason;
         - otherwise: KILLED, since the oracle runs the trial again.
 
         Args:
-            completed: Trial ids the oracle recorded as completed, or id → the oracle's summary
-                metrics (``best_<metric>``, ``best_epoch``, ``epochs``). Defaults to none.
+            completed: Trial ids the oracle recorded as completed, or id → what the oracle
+                recorded of the objective (``best_<objective>``, ``best_epoch``). Defaults to none.
             failed: Trial id → reason, for trials the oracle recorded as failed. Defaults to none.
         """
         completed = completed if isinstance(completed, Mapping) else dict.fromkeys(completed or (), None)
@@ -245,6 +249,14 @@ class SearchTracker:
                     self.end_trial(latest.info.run_id, "FINISHED", metrics=summary, force=True)
                     open_runs = [r for r in open_runs if r is not latest]
                     changed += 1
+            if tid in failed and not open_runs and not any(r.info.status in ("FINISHED", "FAILED") for r in runs):
+                # Interrupted between the oracle's verdict and the run's close: the run says KILLED,
+                # the oracle FAILED. The oracle's word stands, so the trial counts as failed.
+                killed = [r for r in runs if r.info.status == "KILLED"]
+                if killed:
+                    latest = max(killed, key=lambda r: r.info.start_time or 0)
+                    self.end_trial(latest.info.run_id, "FAILED", failure=failed[tid], force=True)
+                    changed += 1
             for run in open_runs:
                 if tid in completed:
                     reason = "a second run of a trial that had already completed"
@@ -259,21 +271,26 @@ class SearchTracker:
         return changed
 
     def _closing_summary(self, run: Any, oracle: dict[str, float] | None) -> dict[str, float]:
-        """The summaries of a completed trial whose run was left open: the oracle's when known.
+        """The summaries of a completed trial whose run was left open.
 
-        A run whose MLflow history holds fewer epochs than the oracle recorded gets the tag
-        ``toolkit.history_incomplete``, so its curves are not mistaken for the whole trial.
+        From the run's history, with the objective's best value and epoch taken from the oracle
+        when known. A history that does not reach the oracle's best epoch lost its last epochs
+        (a dead process or tracking server): the run gets the tag ``toolkit.history_incomplete``,
+        so its curves are not mistaken for the whole trial.
         """
+        summary = self._summaries_from_history(run)
         if not oracle:
-            return self._summaries_from_history(run)
-        summary = {k: v for k, v in oracle.items() if k != "epochs"}
-        epochs = int(oracle.get("epochs") or 0)
-        logged = len(self.client.get_metric_history(run.info.run_id, self.cfg.objective)) if epochs else 0
-        if logged < epochs:
+            return summary
+        summary.update(oracle)
+        best_epoch = oracle.get("best_epoch")
+        steps = [m.step for m in self.client.get_metric_history(run.info.run_id, self.cfg.objective)]
+        if best_epoch is not None and int(best_epoch) not in steps:
+            last = f"stops at epoch {max(steps)}" if steps else "is empty"
             self.client.set_tag(
                 run.info.run_id,
                 "toolkit.history_incomplete",
-                f"MLflow holds {logged} of the {epochs} epochs the oracle recorded; the summaries are the oracle's",
+                f"MLflow's history of {self.cfg.objective} {last}, before the oracle's best epoch {int(best_epoch)}; "
+                "the objective's summary is the oracle's",
             )
         return summary
 
@@ -355,6 +372,8 @@ class SearchTracker:
         return True
 
     def _still_open(self, run_id: str) -> bool:
+        if not self._shared:
+            return True  # one process owns this search (the card's lock): no other closes its runs
         run = self._get_run(run_id)
         if run is None or run.info.status == "RUNNING":
             return True  # a store that cannot answer: closing is still the right attempt

@@ -43,6 +43,8 @@ def check_finite(data: Any) -> Any:
             f"every input must be a number; received a value that is not ({exc}). Send a nested list of finite numbers",
             INVALID_PARAMETER_VALUE,
         ) from None
+    with np.errstate(over="ignore"):
+        array = array.astype("float32")  # the model's dtype: 1e39 is finite in float64, not here
     bad = ~np.isfinite(array)
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -50,10 +52,10 @@ def check_finite(data: Any) -> Any:
         shown = "null" if raw is None else repr(raw)
         raise MlflowException(
             f"input {list(where)} is {shown}: every input must be a finite number (NaN, Infinity, "
-            f"null and numbers beyond float range are refused); {int(bad.sum())} such value(s) in this request",
+            f"null and numbers beyond float32 range are refused); {int(bad.sum())} such value(s) in this request",
             INVALID_PARAMETER_VALUE,
         )
-    return array.astype("float32")
+    return array
 
 
 class ChampionModel:

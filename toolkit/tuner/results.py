@@ -115,27 +115,21 @@ def _trial_metrics(trial: Any, objective: str) -> tuple[dict[str, float], int | 
 
 
 def oracle_summaries(trial: Any, objective: str, direction: str) -> dict[str, float]:
-    """The summaries a trial's run gets at its end, from the oracle's own record of the trial.
+    """What the oracle recorded of a trial's objective: ``best_<objective>`` and ``best_epoch``.
 
-    The oracle holds every epoch the trial reported (``update_trial`` per epoch), so these stand
-    when MLflow's copy of the history is short. Returns ``best_<metric>`` for every metric, the
-    objective's ``best_epoch`` and the number of ``epochs`` recorded.
+    KerasTuner reports a trial to its oracle once, at its best epoch, so this is the oracle's
+    verdict on the objective, not a history. It stands when MLflow's copy of the run's history
+    is short (a process or the tracking server died before the last epochs were flushed).
     """
-    summary: dict[str, float] = {}
-    epochs = 0
-    for name, history in trial.metrics.metrics.items():
-        points = [(int(obs.step), float(np.mean(obs.value))) for obs in history.get_history()]
-        points = [(step, value) for step, value in points if math.isfinite(value)]
-        if not points:
-            continue
-        lower = (direction if name == objective else objective_direction(name)) == "min"
-        step, value = (min if lower else max)(points, key=lambda sv: sv[1])
-        summary[f"best_{name}"] = value
-        if name == objective:
-            summary["best_epoch"] = step
-            epochs = len(points)
-    summary["epochs"] = epochs
-    return summary
+    history = trial.metrics.metrics.get(objective)
+    if history is None:
+        return {}
+    points = [(int(obs.step), float(np.mean(obs.value))) for obs in history.get_history()]
+    points = [(step, value) for step, value in points if math.isfinite(value)]
+    if not points:
+        return {}
+    step, value = (min if direction == "min" else max)(points, key=lambda sv: sv[1])
+    return {f"best_{objective}": value, "best_epoch": step}
 
 
 def trials_rows(trials: list[TrialResult]) -> list[dict[str, Any]]:
