@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,12 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# A runner started in the background of a script (`cmd &`) ignores SIGINT, and an ignored signal
+# stays ignored in every child: the searches that the tests stop with Ctrl-C would never see it.
+# A handler here is reset to the default in each child at exec, so they handle SIGINT again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Hypothesis keeps its example database and caches outside the checkout: a test run writes
 # nothing there.

@@ -269,7 +269,7 @@ def test_a_hung_worker_is_written_off_killed_and_its_run_keeps_the_chiefs_verdic
 
 @pytest.mark.slow
 def test_a_killed_tracking_server_stops_the_search_in_seconds_and_the_resume_trusts_the_oracle(tmp_path, store, mlflow_client):
-    launcher = _launch(tmp_path, store, "serverless", "tuner.max_trials=3", "train.epochs=100")
+    launcher = _launch(tmp_path, store, "serverless", "tuner.max_trials=3", "train.epochs=60")
     children: dict[int, str] = {}
     try:
         _mid_trial(mlflow_client, "serverless", launcher, children)
@@ -298,7 +298,7 @@ def test_a_killed_tracking_server_stops_the_search_in_seconds_and_the_resume_tru
     assert parents and "RUNNING" not in {r.info.status for r in [*parents, *trials]}
 
     again = _tune(
-        tmp_path, store, 2, "data.source=iris", "tracking.experiment=serverless", "tuner.max_trials=3", "train.epochs=100"
+        tmp_path, store, 2, "data.source=iris", "tracking.experiment=serverless", "tuner.max_trials=3", "train.epochs=60"
     )
     assert again.returncode == 0, again.stderr
     parents, trials = _search(mlflow_client, "serverless")
