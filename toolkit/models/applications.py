@@ -27,7 +27,7 @@ import numpy as np
 
 from toolkit.config import TrainConfig
 from toolkit.models.cnn import augmentation, check_images, image_input
-from toolkit.models.execution import batch_size, compile_settings, rebatch, task_loss
+from toolkit.models.execution import batch_size, build_precision, compile_settings, rebatch, task_loss
 
 
 class _Application(kt.HyperModel):
@@ -90,10 +90,7 @@ class _Application(kt.HyperModel):
         )
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
-        # As in MLPHyperModel: the card's precision for this build only (KerasTuner resets it).
-        previous = keras.mixed_precision.global_policy()
-        keras.mixed_precision.set_global_policy(self.train.precision)
-        try:
+        with build_precision(self.train.precision):
             inputs, x = image_input(self.image_shape, self.input_shape, self.mean, self.variance)
             if self.augment:
                 x = augmentation(hp, self.image_shape)(x)
@@ -103,8 +100,6 @@ class _Application(kt.HyperModel):
             settings = compile_settings(model, self.train, self.n_train, batch_size(hp, self.train))
             model.compile(optimizer=model.optimizer, loss=loss, metrics=metrics, **settings)
             return model
-        finally:
-            keras.mixed_precision.set_global_policy(previous)
 
     def fit(self, hp: kt.HyperParameters, model: keras.Model, x: Any = None, *args: Any, **kwargs: Any) -> Any:
         """Train in the trial's batch (``train.batch_size`` may be a list: then it is a hyperparameter)."""

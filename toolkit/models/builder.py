@@ -32,7 +32,7 @@ import keras_tuner as kt
 
 from toolkit import space as blocks
 from toolkit.config import ConfigError, SpaceConfig, TrainConfig, locate_builder, split_builder_reference
-from toolkit.models.execution import batch_size, compile_settings, rebatch, task_loss
+from toolkit.models.execution import batch_size, build_precision, compile_settings, rebatch, task_loss
 
 FIELD = "model.builder"
 
@@ -188,11 +188,7 @@ class CardCompiled(kt.HyperModel):
         self.n_train = n_train
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
-        # As in MLPHyperModel: KerasTuner clears the session (and so Keras' global policy) before
-        # each build, so the card's precision is set for this build and put back afterwards.
-        previous = keras.mixed_precision.global_policy()
-        keras.mixed_precision.set_global_policy(self.train.precision)
-        try:
+        with build_precision(self.train.precision):
             model = self.inner.build(hp)
             batch_size(hp, self.train)  # declared with the model's own, so it is searched from the first trial
             if not isinstance(model, keras.Model):
@@ -200,8 +196,6 @@ class CardCompiled(kt.HyperModel):
             if not getattr(model, "compiled", False):
                 self._compile(hp, model)
             return model
-        finally:
-            keras.mixed_precision.set_global_policy(previous)
 
     def _compile(self, hp: kt.HyperParameters, model: keras.Model) -> None:
         regularizer = blocks.regularizer(hp, self.space)

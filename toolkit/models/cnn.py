@@ -10,7 +10,7 @@ import numpy as np
 
 from toolkit import space as blocks
 from toolkit.config import ConfigError, SpaceConfig, TrainConfig, check_image_family
-from toolkit.models.execution import batch_size, compile_settings, rebatch, task_loss
+from toolkit.models.execution import batch_size, build_precision, compile_settings, rebatch, task_loss
 
 
 def image_input(image_shape: tuple[int, ...], input_shape: tuple[int, ...], mean: Any, variance: Any) -> tuple[Any, Any]:
@@ -114,14 +114,8 @@ class CNNHyperModel(kt.HyperModel):
         )
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
-        # As in MLPHyperModel: KerasTuner clears the session (and Keras' global policy) before
-        # each build, so the card's precision is set for this build only.
-        previous = keras.mixed_precision.global_policy()
-        keras.mixed_precision.set_global_policy(self.train.precision)
-        try:
+        with build_precision(self.train.precision):
             return self._build_model(hp)
-        finally:
-            keras.mixed_precision.set_global_policy(previous)
 
     def _build_model(self, hp: kt.HyperParameters) -> keras.Model:
         from toolkit.models.mlp import _initializer

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -102,3 +104,23 @@ def compile_settings(model: Any, train: Any, n_train: int, batch: int | None = N
         ),
         "jit_compile": auto_jit_compile(model.count_params(), train.jit_compile),
     }
+
+
+@contextlib.contextmanager
+def build_precision(policy: str) -> Iterator[None]:
+    """The card's precision policy for one build, then the previous one back.
+
+    KerasTuner calls ``keras.backend.clear_session()`` before every build, which resets Keras'
+    global policy, so a policy set once per search would silently train float32 models; and
+    restoring it keeps it from leaking into later code in the same process. Layers keep the
+    policy they were built with, and ``compile()`` wraps the optimizer in a LossScaleOptimizer
+    for ``mixed_float16``.
+    """
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)

@@ -10,7 +10,7 @@ import numpy as np
 
 from toolkit import space as blocks
 from toolkit.config import SpaceConfig, TrainConfig
-from toolkit.models.execution import batch_size, compile_settings, rebatch, task_loss
+from toolkit.models.execution import batch_size, build_precision, compile_settings, rebatch, task_loss
 
 
 class MLPHyperModel(kt.HyperModel):
@@ -77,17 +77,8 @@ class MLPHyperModel(kt.HyperModel):
         )
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
-        # The card's precision policy holds for this build only. KerasTuner calls
-        # keras.backend.clear_session() before every build, which resets Keras' global policy, so a
-        # policy set once per search would silently train float32 models; and restoring it keeps
-        # it from leaking into later code in the same process. Layers keep the policy they were
-        # built with, and compile() wraps the optimizer in a LossScaleOptimizer for mixed_float16.
-        previous = keras.mixed_precision.global_policy()
-        keras.mixed_precision.set_global_policy(self.train.precision)
-        try:
+        with build_precision(self.train.precision):
             return self._build_model(hp)
-        finally:
-            keras.mixed_precision.set_global_policy(previous)
 
     def _build_model(self, hp: kt.HyperParameters) -> keras.Model:
         n_layers = blocks.depth(hp, self.space)
