@@ -118,7 +118,7 @@ class CNNHyperModel(kt.HyperModel):
             return self._build_model(hp)
 
     def _build_model(self, hp: kt.HyperParameters) -> keras.Model:
-        from toolkit.models.mlp import _initializer
+        from toolkit.models.mlp import _initializer, dense_stack
 
         n_blocks = blocks.conv_blocks(hp, self.space)
         width = blocks.filters(hp, self.space)
@@ -151,16 +151,7 @@ class CNNHyperModel(kt.HyperModel):
             x = keras.layers.Activation(blocks.activation_fn(act), name=f"conv_{i}_{act}")(x)
             x = pooling_layer(2, padding="same", name=f"pool_{i}")(x)
         x = keras.layers.Flatten(name="flatten")(x)
-        for i in range(n_dense):
-            x = keras.layers.Dense(
-                units,
-                activation=blocks.activation_fn(act),
-                kernel_regularizer=reg,
-                kernel_initializer=_initializer(act),
-                name=f"dense_{i}",
-            )(x)
-            if rate > 0:
-                x = keras.layers.Dropout(rate, name=f"dropout_{i}")(x)
+        x = dense_stack(x, n_dense, units, act, reg, rate)
         # float32 under mixed precision for a stable softmax and loss.
         outputs = keras.layers.Dense(
             self.n_classes, activation="softmax", kernel_regularizer=reg, dtype="float32", name="output"

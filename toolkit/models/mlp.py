@@ -94,16 +94,7 @@ class MLPHyperModel(kt.HyperModel):
             # Training-split statistics only: a logged model then serves raw inputs and
             # validation data never leaks into the scaling.
             x = keras.layers.Normalization(mean=self.mean, variance=np.maximum(self.variance, 1e-12), name="standardize")(x)
-        for i in range(n_layers):
-            x = keras.layers.Dense(
-                width,
-                activation=blocks.activation_fn(act),
-                kernel_regularizer=reg,
-                kernel_initializer=_initializer(act),
-                name=f"dense_{i}",
-            )(x)
-            if rate > 0:
-                x = keras.layers.Dropout(rate, name=f"dropout_{i}")(x)
+        x = dense_stack(x, n_layers, width, act, reg, rate)
         # The output layer stays float32 under mixed precision for a stable softmax and loss.
         if self.task == "classification":
             outputs = keras.layers.Dense(self.n_classes, activation="softmax", dtype="float32", name="output")(x)
@@ -124,6 +115,24 @@ class MLPHyperModel(kt.HyperModel):
     def fit(self, hp: kt.HyperParameters, model: keras.Model, x: Any = None, *args: Any, **kwargs: Any) -> Any:
         """Train in the trial's batch (``train.batch_size`` may be a list: then it is a hyperparameter)."""
         return model.fit(rebatch(x, hp, self.train), *args, **kwargs)
+
+
+def dense_stack(x: Any, n_layers: int, units: int, act: str, reg: Any, rate: float) -> Any:
+    """``n_layers`` Dense layers ``dense_<i>`` of ``units``, each followed by ``dropout_<i>`` when ``rate`` > 0.
+
+    The MLP's hidden layers and the CNN's dense head.
+    """
+    for i in range(n_layers):
+        x = keras.layers.Dense(
+            units,
+            activation=blocks.activation_fn(act),
+            kernel_regularizer=reg,
+            kernel_initializer=_initializer(act),
+            name=f"dense_{i}",
+        )(x)
+        if rate > 0:
+            x = keras.layers.Dropout(rate, name=f"dropout_{i}")(x)
+    return x
 
 
 def _initializer(activation: str) -> str:
