@@ -41,6 +41,8 @@ def no_runs_created(store_dir: Path) -> bool:
         (["tune", "quickstart", "--set", "tuner.objective=val_acuracy"], "tuner.objective: 'val_acuracy' is not a metric"),
         (["tune", "quickstart", "--workers", "-1"], "--workers must be 0 or more"),
         (["validate", "quickstart", "--set", "train.epochs=-3"], "train.epochs"),
+        (["report", "cnn_vs_mlp", "--against", "cnn_vs_mlp"], "tracking.compare_with: names other experiments"),
+        (["report", "quickstart", "--against", "../etc"], "Received: '../etc'"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )

@@ -123,7 +123,11 @@ def test_trial_runs_have_summaries_beside_the_curves(champion_search):
     _, _, client, _, _ = champion_search
     _, trials = runs_by_role(client, "quickstart")
     for trial in trials:
-        assert {"best_val_accuracy", "best_epoch", "trial_seconds"} <= set(trial.data.metrics)
+        assert {"best_val_accuracy", "best_epoch", "trial_seconds", "model_params"} <= set(trial.data.metrics)
+        # 64 pixels -> depth x units -> 10 digits: the size logged is the model the trial trained.
+        depth, units = int(trial.data.params["depth"]), int(trial.data.params["units"])
+        dense = 65 * units + (depth - 1) * (units + 1) * units + (units + 1) * 10
+        assert trial.data.metrics["model_params"] == dense, trial.data.params
         steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val_accuracy")]
         assert sorted(steps) == [0, 1]
 

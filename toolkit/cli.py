@@ -7,6 +7,7 @@ TensorFlow is imported only by commands that train, so ``validate`` and ``--help
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -61,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="regenerate a search's report from MLflow")
     report.add_argument("exp", metavar="EXP")
+    report.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="EXPERIMENT",
+        help="set another experiment's latest search beside this one (repeatable; adds to tracking.compare_with)",
+    )
     report.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser
 
@@ -176,6 +184,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     cfg = load_config(args.exp, args.overrides)
+    if args.against:
+        # Checked as the card's own list is: experiment names, not this card's own.
+        merged = json.dumps([*cfg.tracking.compare_with, *args.against])
+        cfg = load_config(args.exp, [*args.overrides, f"tracking.compare_with={merged}"])
     from toolkit import tracking
 
     # Reading never creates a store: a missing one is said as such, and no empty file is left.

@@ -420,6 +420,20 @@ class TrackingConfig(_Section):
     log_model: bool = True
     register_model: bool = True
     report: bool = True
+    # Experiments whose latest searches the report sets beside this one (best trial, trials of
+    # similar parameter count), e.g. a CNN card against its MLP partner card.
+    compare_with: list[str] = Field(default_factory=list, max_length=10)
+
+    @field_validator("compare_with")
+    @classmethod
+    def _safe_compare_with(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not NAME_PATTERN.fullmatch(name):
+                raise ValueError(
+                    "compare_with lists experiment names: 1-100 characters of letters, digits, '_', '-' or '.', "
+                    f"starting with a letter or digit. Received: {name!r}"
+                )
+        return list(dict.fromkeys(value))
 
     @field_validator("experiment")
     @classmethod
@@ -865,6 +879,13 @@ def validate(raw: dict[str, Any], default_name: str = "experiment", card_dir: Pa
     except ValidationError as exc:
         raise _translate(exc) from None
     cfg.check_family()
+    own = cfg.tracking.experiment or cfg.name
+    if own in cfg.tracking.compare_with:
+        raise ConfigError(
+            f"tracking.compare_with: names other experiments to set beside this one; {own!r} is this card's own. "
+            f"Received: {cfg.tracking.compare_with!r}",
+            field="tracking.compare_with",
+        )
     if cfg.model.builder is not None:
         cfg.model.builder = locate_builder(cfg.model.builder, card_dir)
     return cfg

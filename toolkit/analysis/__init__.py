@@ -23,6 +23,8 @@ Modules, one concept each:
   :func:`gradient_ratios`, :func:`layer_order`, :data:`NOT_ENOUGH`.
 - :mod:`~toolkit.analysis.importance`: :class:`Importance`, :func:`hyperparameter_importance`,
   :func:`importance_findings`.
+- :mod:`~toolkit.analysis.compare`: :func:`comparison_findings`, :func:`comparison_table`,
+  :func:`similar_size_pair`: one search beside others (``tracking.compare_with``).
 - :mod:`~toolkit.analysis.plots`: the ``plot_*`` functions and :data:`PLOTS`.
 - :mod:`~toolkit.analysis.report`: :class:`Report`, :func:`build_report`, :func:`write_report`,
   :func:`log_search_report`, :func:`regenerate`.
@@ -30,6 +32,7 @@ Modules, one concept each:
 
 from __future__ import annotations
 
+from toolkit.analysis.compare import comparison_findings, comparison_table, similar_size_pair
 from toolkit.analysis.findings import (
     NOT_ENOUGH,
     activation_depth_findings,
@@ -73,6 +76,8 @@ __all__ = [
     "best_trial_finding",
     "build_report",
     "choice_findings",
+    "comparison_findings",
+    "comparison_table",
     "epochs_to_target",
     "find_search",
     "gradient_findings",
@@ -96,6 +101,7 @@ __all__ = [
     "regenerate",
     "regularization_findings",
     "regularization_knobs",
+    "similar_size_pair",
     "trials_table",
     "write_report",
 ]

@@ -32,6 +32,8 @@ class SearchData:
         table: One row per trial run (see :func:`trials_table`).
         hyperparameters: The table's hyperparameter columns.
         curves: Per trial run id, per metric, the values by epoch.
+        model: What the trials trained: the card's ``model.family``, or its ``model.builder``
+            (empty when the parent run does not say).
     """
 
     name: str
@@ -41,6 +43,7 @@ class SearchData:
     table: pd.DataFrame
     hyperparameters: list[str]
     curves: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    model: str = ""
 
     @property
     def finished(self) -> pd.DataFrame:
@@ -186,7 +189,11 @@ def load_search(
     lead = ["trial_id", "run_id", "status", *hyperparameters, "objective", "best_epoch", "epochs"]
     table = table[[c for c in lead if c in table] + sorted(c for c in table if c not in lead)]
     table.attrs.update(objective=objective, direction=direction, hyperparameters=list(hyperparameters))
-    return SearchData(experiment, parent_run_id, objective, direction, table, hyperparameters, curves)
+    card = parent.data.params
+    model = card.get("model.builder") or card.get("model.family") or ""
+    if model == "None":  # a card without a builder logs model.builder as None
+        model = card.get("model.family", "")
+    return SearchData(experiment, parent_run_id, objective, direction, table, hyperparameters, curves, model)
 
 
 def trials_table(search: str, uri: str | None = None) -> pd.DataFrame:

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from toolkit import tracking
+from toolkit.analysis.compare import comparison_findings, comparison_table
 from toolkit.analysis.findings import (
     _missing,
     activation_depth_findings,
@@ -31,7 +32,7 @@ from toolkit.analysis.findings import (
 from toolkit.analysis.importance import Importance, hyperparameter_importance, importance_findings
 from toolkit.analysis.load import SearchData, find_search, load_search
 from toolkit.analysis.plots import PLOTS
-from toolkit.config import ExperimentConfig
+from toolkit.config import ConfigError, ExperimentConfig
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +112,14 @@ def _markdown_table(table: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body])
 
 
-def build_report(data: SearchData, out: Path) -> Report:
+def build_report(data: SearchData, out: Path, others: dict[str, SearchData | None] | None = None) -> Report:
     """Compute the findings, draw the plots into ``out/report/`` and assemble the report.
 
     Args:
         data: The search.
         out: The folder the report is written to; plots go to ``out/report/``.
+        others: Searches to set beside this one, by experiment name (None where that experiment
+            has no search yet). Defaults to none.
 
     Returns:
         The report.
@@ -155,6 +158,12 @@ def build_report(data: SearchData, out: Path) -> Report:
             f"objective the forest explains ({importance.oob_r2:.2f}). With few trials, treat it as a hint.",
         )
         report.add("table", importance.table)
+    if others:
+        report.add("h2", "Against " + ", ".join(others))
+        report.add("ul", _safely(comparison_findings, data, others, default=[]))
+        table = _safely(comparison_table, data, others, default=None)
+        if table is not None:
+            report.add("table", table)
     if ranking is not None:
         report.add("h2", "Optimizers: epochs to target")
         report.add("table", ranking)
@@ -193,7 +202,27 @@ def _safely(finder: Any, *args: Any, default: Any) -> Any:
         return default
 
 
-def write_report(parent_run_id: str, uri: str | None = None, out: Path | None = None, log_to_mlflow: bool = True) -> Path:
+def load_others(names: list[str], uri: str, skip: str | None = None) -> dict[str, SearchData | None]:
+    """The latest search of each named experiment (None for one that has none yet), leaving out ``skip``'s."""
+    others: dict[str, SearchData | None] = {}
+    for name in dict.fromkeys(names):
+        try:
+            parent = find_search(name, uri)
+        except ConfigError:
+            others[name] = None
+            continue
+        if parent != skip:
+            others[name] = load_search(parent, uri)
+    return others
+
+
+def write_report(
+    parent_run_id: str,
+    uri: str | None = None,
+    out: Path | None = None,
+    log_to_mlflow: bool = True,
+    compare_with: list[str] | None = None,
+) -> Path:
     """Build a search's report from MLflow, write it and log it to the parent run.
 
     Writes ``report.md``, ``report.html`` (plots inline) and ``report/*.png``. On the parent run
@@ -204,6 +233,7 @@ def write_report(parent_run_id: str, uri: str | None = None, out: Path | None = 
         uri: The tracking URI. Defaults to :func:`toolkit.tracking.tracking_uri`.
         out: The folder to write into. Defaults to a new temporary folder.
         log_to_mlflow: Log the files to the parent run. Defaults to True.
+        compare_with: Experiments whose latest searches are set beside this one. Defaults to none.
 
     Returns:
         The path of ``report.md``.
@@ -212,7 +242,7 @@ def write_report(parent_run_id: str, uri: str | None = None, out: Path | None = 
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="toolkit-report-"))
     out.mkdir(parents=True, exist_ok=True)
     data = load_search(parent_run_id, uri)
-    report = build_report(data, out)
+    report = build_report(data, out, load_others(compare_with or [], uri, skip=parent_run_id))
     md = out / "report.md"
     md.write_text(report.markdown(), encoding="utf-8")
     (out / "report.html").write_text(report.html(), encoding="utf-8")
@@ -237,7 +267,7 @@ def log_search_report(uri: str, parent_run_id: str, cfg: ExperimentConfig | None
     """
     try:
         with tempfile.TemporaryDirectory(prefix="toolkit-report-") as tmp:
-            write_report(parent_run_id, uri, Path(tmp))
+            write_report(parent_run_id, uri, Path(tmp), compare_with=cfg.tracking.compare_with if cfg is not None else None)
         return f"runs:/{parent_run_id}/report.md"
     except Exception as exc:
         name = cfg.name if cfg is not None else parent_run_id
@@ -245,12 +275,14 @@ def log_search_report(uri: str, parent_run_id: str, cfg: ExperimentConfig | None
         return None
 
 
-def regenerate(cfg: ExperimentConfig, uri: str | None = None) -> Path:
+def regenerate(cfg: ExperimentConfig, uri: str | None = None, compare_with: list[str] | None = None) -> Path:
     """Rebuild the report of a card's latest search from MLflow alone and log it again.
 
     Args:
         cfg: The card; its experiment name (``tracking.experiment`` or ``name``) picks the search.
         uri: The tracking URI. Defaults to the card's, else :func:`toolkit.tracking.tracking_uri`.
+        compare_with: More experiments to set beside it, after the card's ``tracking.compare_with``.
+            Defaults to none.
 
     Returns:
         The path of the written ``report.md`` (under ``<store>/reports/<experiment>/``).
@@ -262,4 +294,4 @@ def regenerate(cfg: ExperimentConfig, uri: str | None = None) -> Path:
     experiment = cfg.tracking.experiment or cfg.name
     parent = find_search(experiment, uri)
     out = tracking.store_dir(uri) / "reports" / experiment
-    return write_report(parent, uri, out)
+    return write_report(parent, uri, out, compare_with=[*cfg.tracking.compare_with, *(compare_with or [])])

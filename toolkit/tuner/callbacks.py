@@ -22,6 +22,8 @@ class QuietTerminateOnNaN(keras.callbacks.TerminateOnNaN):
 class EpochLogger(keras.callbacks.Callback):
     """Logs Keras' own metric names every epoch, with ``step=epoch``, in one batched call.
 
+    Before the first epoch it logs ``model_params``, the model's parameter count.
+
     Args:
         uri: The tracking URI.
         run_id: The trial's run.
@@ -31,6 +33,10 @@ class EpochLogger(keras.callbacks.Callback):
         super().__init__()
         self.uri = uri
         self.run_id = run_id
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        # The model's size, whatever built it: the report sets trials of similar size side by side.
+        tracking.log_metrics(self.uri, self.run_id, {"model_params": float(self.model.count_params())}, step=0, synchronous=False)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         metrics = tracking.finite_metrics(logs or {})
