@@ -5,6 +5,9 @@ statistics), the same space (the same hyperparameter names, declared in the same
 RandomSearch with the same seed samples the same trials), the same epochs and batch size.
 
     python benchmarks/bare_kerastuner.py --trials 4 --epochs 10 --batch-size 64
+
+``--space p9`` is P9's smaller space (benchmarks/cards/p9.yaml): depth 1-3, units 16/32/64,
+relu/tanh/sigmoid, adam/sgd, a log learning rate.
 """
 
 from __future__ import annotations
@@ -26,12 +29,28 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--space", choices=["quickstart", "p9"], default="quickstart")
     args = parser.parse_args()
 
     x, y = load_digits(return_X_y=True)
     x = x.astype("float32")
     x_train, x_val, y_train, y_val = train_test_split(x, y, test_size=0.2, random_state=42, stratify=y)
     mean, var = x_train.mean(0), x_train.var(0)
+
+    def build_p9(hp: kt.HyperParameters) -> keras.Model:
+        depth = hp.Int("depth", 1, 3)
+        units = hp.Choice("units", [16, 32, 64])
+        activation = hp.Choice("activation", ["relu", "tanh", "sigmoid"])
+        name = hp.Choice("optimizer", ["adam", "sgd"])
+        lr = hp.Float("learning_rate", 1e-4, 1e-1, sampling="log")
+        inputs = keras.Input((64,))
+        h = keras.layers.Normalization(mean=mean, variance=var + 1e-12)(inputs)
+        for _ in range(depth):
+            h = keras.layers.Dense(units, activation=activation)(h)
+        model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(h))
+        optimizer = keras.optimizers.Adam(lr) if name == "adam" else keras.optimizers.SGD(lr)
+        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        return model
 
     def build(hp: kt.HyperParameters) -> keras.Model:
         depth = hp.Int("depth", 1, 4)
@@ -57,7 +76,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         tuner = kt.RandomSearch(
-            build, objective="val_accuracy", max_trials=args.trials, seed=42, directory=folder, project_name="bare"
+            build_p9 if args.space == "p9" else build,
+            objective="val_accuracy",
+            max_trials=args.trials,
+            seed=42,
+            directory=folder,
+            project_name="bare",
         )
         tuner.search(x_train, y_train, validation_data=(x_val, y_val), epochs=args.epochs, batch_size=args.batch_size, verbose=0)
         best = tuner.oracle.get_best_trials(1)[0]

@@ -64,3 +64,20 @@ def test_an_edited_data_file_is_a_new_search(tmp_path):
     assert search_id(cfg) == first  # stable while the file is unchanged
     csv.write_text("a,label\n1,x\n3,y\n")
     assert search_id(cfg) != first
+
+
+def test_the_search_runs_on_a_frozen_heap_and_leaves_it_unfrozen(monkeypatch):
+    import gc
+
+    from toolkit.tuner.tracked import frozen_heap
+
+    assert gc.get_freeze_count() == 0
+    with frozen_heap():
+        frozen = gc.get_freeze_count()
+        with frozen_heap():  # a search inside a search (a worker in-process) changes nothing
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen
+    assert frozen > 1000 and gc.get_freeze_count() == 0
+    monkeypatch.setenv("TOOLKIT_GC_FREEZE", "0")
+    with frozen_heap():
+        assert gc.get_freeze_count() == 0

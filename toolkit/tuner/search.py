@@ -29,7 +29,7 @@ from toolkit.tuner.results import (
     trials_rows,
 )
 from toolkit.tuner.resume import _read_state, project_dir, search_id
-from toolkit.tuner.tracked import prune_checkpoints, tracked_tuner
+from toolkit.tuner.tracked import frozen_heap, prune_checkpoints, tracked_tuner
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,8 @@ def _search(
                 serve(tuner, tracker)
             else:
                 fit_args, fit_kwargs = search_inputs(cfg, dataset)
-                tuner.search(*fit_args, **fit_kwargs)
+                with frozen_heap():
+                    tuner.search(*fit_args, **fit_kwargs)
         except RuntimeError as exc:
             if "consecutive failures" not in str(exc):
                 raise
@@ -254,7 +255,8 @@ def join_search(
     try:
         tuner = tracked_tuner(cfg, dataset, info, tracker, workdir, hypermodel or models.for_card(cfg, dataset), on_trial)
         fit_args, fit_kwargs = search_inputs(cfg, dataset)
-        tuner.search(*fit_args, **fit_kwargs)
+        with frozen_heap():
+            tuner.search(*fit_args, **fit_kwargs)
         result.trials = list(tuner.results)
         result.best = _best(result.trials, cfg)  # not the oracle's word: the chief may be gone
         status = "FINISHED"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,9 +137,12 @@ class TrackedTunerMixin:
         )
         self.results.append(result)
         self._prune_checkpoints()
-        # Free the trial's graphs: KerasTuner searches otherwise grow in memory.
+        # Free the trial's graphs: KerasTuner searches otherwise grow in memory. Inside frozen_heap
+        # no collection of our own: KerasTuner's next build runs two (clear_session, gc.collect),
+        # and each walks only what the trials made.
         keras.backend.clear_session(free_memory=False)
-        gc.collect()
+        if not _frozen:
+            gc.collect()
         if self.on_trial:
             self.on_trial(result)
         if stop is not None:
@@ -162,6 +167,34 @@ def _remove_checkpoint(path: str | Path) -> None:
     # TF-format checkpoints are a prefix with several files; Keras 3 writes one .weights.h5 file.
     for candidate in Path(path).parent.glob(Path(path).name + "*"):
         candidate.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Run a search with the heap that exists before it frozen out of garbage collection.
+
+    Every full collection (KerasTuner runs two per trial) otherwise walks the whole heap of
+    TensorFlow, MLflow and scikit-learn objects, which only grows as trials go by. After one
+    collection, ``gc.freeze`` moves what survives to a generation the collector skips; what the
+    trials allocate is still collected as before. The heap is unfrozen when the search ends, so
+    a process that runs several searches does not keep the garbage of one in the next.
+    ``TOOLKIT_GC_FREEZE=0`` turns this off (the benchmarks' "before").
+    """
+    global _frozen
+    if os.environ.get("TOOLKIT_GC_FREEZE", "1") == "0" or _frozen:
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    _frozen = True
+    try:
+        yield
+    finally:
+        _frozen = False
+        gc.unfreeze()
+
+
+_frozen = False
 
 
 def prune_checkpoints(directory: Path, keep: set[str]) -> int:
