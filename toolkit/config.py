@@ -316,6 +316,33 @@ class DataConfig(_Section):
         return self
 
 
+class PruningConfig(_Section):
+    """Stop hopeless trials early, under random, grid and bayesian search.
+
+    At the end of each epoch from ``min_epochs`` on, a trial's best objective so far is set
+    against the best-so-far, at the same epoch, of this search's finished trials (from every
+    worker, read from MLflow). ``median`` stops it when it is worse than their median;
+    ``percentile`` when it is outside their best ``percentile`` per cent (Optuna's
+    PercentilePruner: 25 keeps the top quarter).
+    """
+
+    rule: Literal["median", "percentile"] = "median"
+    min_epochs: int = Field(2, ge=1, le=100_000)
+    # The finished trials that must have reached the epoch before any trial is judged at it.
+    min_trials: int = Field(3, ge=1, le=100_000)
+    percentile: float | None = Field(None, gt=0.0, lt=100.0)
+
+    @model_validator(mode="after")
+    def _percentile_for_its_rule(self) -> PruningConfig:
+        if self.rule == "percentile" and self.percentile is None:
+            self.percentile = 25.0
+        if self.rule == "median" and self.percentile is not None:
+            raise ValueError(
+                f"percentile is read by rule: percentile only. Received: rule='median', percentile={self.percentile:g}"
+            )
+        return self
+
+
 class TunerConfig(_Section):
     """Which KerasTuner algorithm runs the trials, and what it optimizes."""
 
@@ -330,6 +357,17 @@ class TunerConfig(_Section):
     # KerasTuner's own failure controls.
     max_consecutive_failed_trials: int = Field(3, ge=1, le=100_000)
     max_retries_per_trial: int = Field(0, ge=0, le=100)
+    # None: every trial trains all its epochs.
+    pruning: PruningConfig | None = None
+
+    @model_validator(mode="after")
+    def _pruning_for_its_algorithms(self) -> TunerConfig:
+        if self.pruning is not None and self.algorithm == "hyperband":
+            raise ValueError(
+                "pruning is for random, grid and bayesian search; hyperband stops trials by its own rounds. "
+                "Received: algorithm='hyperband' with pruning. Remove tuner.pruning or pick another algorithm"
+            )
+        return self
 
     @field_validator("objective")
     @classmethod

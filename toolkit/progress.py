@@ -32,6 +32,7 @@ class Reporter:
         self.live = self.console.is_terminal if live is None else live
         self.total = _budget(cfg)
         self.done = 0
+        self.pruned = 0
         self.best: tuple[float, str] | None = None
         self.started = time.perf_counter()
         self._progress: Progress | None = None
@@ -68,13 +69,21 @@ class Reporter:
             if better:
                 self.best = (score, result.trial_id)
         best = f"best {self.cfg.objective}={_fmt(self.best[0])} (trial {self.best[1]})" if self.best else "best —"
+        pruned = getattr(result, "pruned_epoch", None)
+        if pruned is not None:
+            self.pruned += 1
         if self._progress is not None:
+            if self.pruned:
+                best += f", {self.pruned} pruned"
             self._progress.update(self._task, completed=self.done, best=best)
             return
         detail = f"{self.cfg.objective}={_fmt(score)}" if result.status == "FINISHED" else f"reason: {result.failure}"
+        if pruned is not None:
+            detail += f" (pruned after epoch {pruned + 1})"
         total = f"/{self.total}" if self.total else ""
+        counts = f"{self.done}{total} done" + (f" ({self.pruned} pruned)" if self.pruned else "")
         self.console.print(
-            f"trial {result.trial_id} {result.status} {detail} {result.seconds:.1f}s | {self.done}{total} done, {best}, elapsed {time.perf_counter() - self.started:.0f}s",
+            f"trial {result.trial_id} {result.status} {detail} {result.seconds:.1f}s | {counts}, {best}, elapsed {time.perf_counter() - self.started:.0f}s",
             highlight=False,
             soft_wrap=True,
         )
@@ -96,8 +105,15 @@ def print_summary(result: Any, console: Console | None = None) -> None:
     console = console or Console()
     done = sum(t.status == "FINISHED" for t in result.trials)
     failed = sum(t.status == "FAILED" for t in result.trials)
+    pruned = [t for t in result.trials if t.status == "FINISHED" and getattr(t, "pruned_epoch", None) is not None]
+    saved = ""
+    if pruned:
+        epochs = getattr(result, "epochs", None)
+        saved = f" ({len(pruned)} pruned" + (
+            f", {sum(epochs - t.pruned_epoch - 1 for t in pruned)} epochs saved)" if epochs else ")"
+        )
     console.print(
-        f"[bold]{result.name}[/bold]: {done} trial(s) finished, {failed} failed in {result.seconds:.1f}s"
+        f"[bold]{result.name}[/bold]: {done} trial(s) finished{saved}, {failed} failed in {result.seconds:.1f}s"
         + (" (resumed)" if result.resumed else ""),
         highlight=False,
         soft_wrap=True,

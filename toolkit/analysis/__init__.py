@@ -47,6 +47,7 @@ from toolkit.analysis.findings import (
     optimizer_findings,
     optimizer_ranking,
     overfitting_findings,
+    pruning_findings,
     regularization_findings,
     regularization_knobs,
 )
@@ -98,6 +99,7 @@ __all__ = [
     "plot_gradient_norms",
     "plot_learning_curves",
     "plot_objective_vs_hyperparameters",
+    "pruning_findings",
     "regenerate",
     "regularization_findings",
     "regularization_knobs",

@@ -106,6 +106,27 @@ def best_trial_finding(data: SearchData) -> list[str]:
     return [text + tail]
 
 
+def pruning_findings(data: SearchData) -> list[str]:
+    """How many trials ``tuner.pruning`` stopped, and the epochs that saved."""
+    rule = data.card.get("tuner.pruning.rule")
+    done = data.finished
+    if not rule or rule == "None" or done.empty:
+        return []
+    planned = int(float(data.card.get("train.epochs", "0") or 0))
+    words = f"{rule} rule" + (f" at {float(data.card['tuner.pruning.percentile']):g}%" if rule == "percentile" else "")
+    words += f", from epoch {data.card.get('tuner.pruning.min_epochs', '?')}"
+    pruned = done[done["pruned_epoch"].notna()] if "pruned_epoch" in done else done.iloc[:0]
+    if pruned.empty:
+        return [f"Pruning ({words}) stopped none of the {len(done)} finished trial(s)."]
+    text = f"Pruning ({words}) stopped {len(pruned)} of {len(done)} finished trial(s)"
+    if planned:
+        saved = int(sum(planned - int(e) - 1 for e in pruned["pruned_epoch"]))
+        text += f", saving {saved} of {planned * len(done)} epochs ({saved / (planned * len(done)):.0%})"
+    best = done.sort_values("objective", ascending=data.direction == "min").iloc[0]
+    ran = "was itself pruned" if best["trial_id"] in set(pruned["trial_id"]) else "ran all its epochs"
+    return [f"{text}; the best trial, {best['trial_id']}, {ran}."]
+
+
 def _comparison(data: SearchData, stats: pd.DataFrame, a: Any, b: Any) -> str:
     """``a`` against ``b`` by mean objective, with a caveat when either rests on too few trials."""
     mean_a, mean_b = float(stats.loc[a, "mean"]), float(stats.loc[b, "mean"])

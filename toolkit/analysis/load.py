@@ -34,6 +34,7 @@ class SearchData:
         curves: Per trial run id, per metric, the values by epoch.
         model: What the trials trained: the card's ``model.family``, or its ``model.builder``
             (empty when the parent run does not say).
+        card: The parent run's params: the resolved card, flattened (``tuner.pruning.rule``, ...).
     """
 
     name: str
@@ -44,6 +45,7 @@ class SearchData:
     hyperparameters: list[str]
     curves: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     model: str = ""
+    card: dict[str, str] = field(default_factory=dict)
 
     @property
     def finished(self) -> pd.DataFrame:
@@ -166,6 +168,9 @@ def load_search(
             "run_id": run.info.run_id,
             "status": run.info.status,
         }
+        pruned = run.data.tags.get("toolkit.pruned_epoch")
+        if pruned is not None and pruned.isdigit():
+            row["pruned_epoch"] = int(pruned)
         if run.info.status == "FINISHED":
             curves[run.info.run_id] = {
                 m: _history(client, run.info.run_id, m) for m in dict.fromkeys((objective, *CURVE_METRICS))
@@ -193,7 +198,7 @@ def load_search(
     model = card.get("model.builder") or card.get("model.family") or ""
     if model == "None":  # a card without a builder logs model.builder as None
         model = card.get("model.family", "")
-    return SearchData(experiment, parent_run_id, objective, direction, table, hyperparameters, curves, model)
+    return SearchData(experiment, parent_run_id, objective, direction, table, hyperparameters, curves, model, dict(card))
 
 
 def trials_table(search: str, uri: str | None = None) -> pd.DataFrame:

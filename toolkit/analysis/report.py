@@ -27,6 +27,7 @@ from toolkit.analysis.findings import (
     optimizer_findings,
     optimizer_ranking,
     overfitting_findings,
+    pruning_findings,
     regularization_findings,
 )
 from toolkit.analysis.importance import Importance, hyperparameter_importance, importance_findings
@@ -139,7 +140,7 @@ def build_report(data: SearchData, out: Path, others: dict[str, SearchData | Non
     # (activation × depth, gradients, L1/L2, optimizers) return nothing where their knobs or
     # diagnostics are absent.
     sections = [
-        ("Best trial", [best_trial_finding]),
+        ("Best trial", [best_trial_finding, pruning_findings]),
         ("Hyperparameter choices", [choice_findings, activation_depth_findings, numeric_findings]),
         ("Gradients (vanishing and dead units)", [gradient_findings]),
         ("Overfitting and regularization", [overfitting_findings, regularization_findings]),

@@ -24,6 +24,7 @@ from toolkit.distributed.address import (
 )
 from toolkit.distributed.auth import ServerTLS
 from toolkit.distributed.servicer import OracleServer, Status, _locked, _Servicer
+from toolkit.tuner.pruning import pruned_epoch_of
 
 if TYPE_CHECKING:
     from toolkit.distributed.launcher import LocalWorkers
@@ -189,9 +190,20 @@ class Chief:
             status = tuning.STATUS.get(trial.status, "FAILED")
             metrics, best_epoch = tuning._trial_metrics(trial, objective)
             failure = tuning._failure_reason(trial.message) if status != "FINISHED" else None
+            # A worker tags a pruned trial's run before it tells the oracle the trial ended.
+            pruned = None
+            if status == "FINISHED" and tuner.card.tuner.pruning is not None:
+                pruned = pruned_epoch_of(tuner.tracker, trial.trial_id)
             self.on_trial(
                 tuning.TrialResult(
-                    trial.trial_id, status, dict(trial.hyperparameters.values), metrics, best_epoch, ended.seconds, failure
+                    trial.trial_id,
+                    status,
+                    dict(trial.hyperparameters.values),
+                    metrics,
+                    best_epoch,
+                    ended.seconds,
+                    failure,
+                    pruned_epoch=pruned,
                 )
             )
 

@@ -29,6 +29,8 @@ class TrialResult:
     seconds: float
     failure: str | None = None
     run_id: str | None = None
+    # tuner.pruning: the epoch (0-based) the trial was stopped after; None if it ran them all.
+    pruned_epoch: int | None = None
 
 
 @dataclass
@@ -46,6 +48,8 @@ class SearchResult:
     resumed: bool = False
     stopped_reason: str | None = None
     model_uri: str | None = None
+    # Each trial's epochs (train.epochs; None under Hyperband, which sets its own).
+    epochs: int | None = None
 
 
 def _nan_epoch(history: Any) -> int | None:
@@ -148,6 +152,7 @@ def trials_rows(trials: list[TrialResult]) -> list[dict[str, Any]]:
         row.update(
             {
                 "best_epoch": "" if t.best_epoch is None else t.best_epoch,
+                "pruned_epoch": "" if t.pruned_epoch is None else t.pruned_epoch,
                 "seconds": round(t.seconds, 3),
                 "failure": t.failure or "",
                 "run_id": t.run_id or "",
@@ -189,8 +194,17 @@ def _result_from_run(run: Any, tuner: Any) -> TrialResult:
     if seconds is None:
         seconds = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else 0.0
     best_epoch = int(data["best_epoch"]) if "best_epoch" in data else None
+    pruned = run.data.tags.get("toolkit.pruned_epoch")
     return TrialResult(
-        tid, run.info.status, hps, metrics, best_epoch, float(seconds), run.data.tags.get("toolkit.failure"), run.info.run_id
+        tid,
+        run.info.status,
+        hps,
+        metrics,
+        best_epoch,
+        float(seconds),
+        run.data.tags.get("toolkit.failure"),
+        run.info.run_id,
+        pruned_epoch=int(pruned) if pruned is not None and pruned.isdigit() else None,
     )
 
 

@@ -153,6 +153,7 @@ def _search(
     workdir.mkdir(parents=True, exist_ok=True)
     state_file.write_text(json.dumps({"search_id": sid, "parent_run_id": parent}))
     result = SearchResult(cfg.name, cfg.objective, cfg.direction, parent, tracker.ensure_experiment(), resumed=resumed)
+    result.epochs = None if cfg.tuner.algorithm == "hyperband" else cfg.train.epochs
     # Searches that resume add up their time.
     earlier_seconds = tracker.parent_metric("search_seconds") if resumed else 0.0
     status, reason = "FAILED", "the search failed"

@@ -20,6 +20,7 @@ from toolkit.config import ALGORITHMS, ConfigError, ExperimentConfig
 from toolkit.data import Dataset
 from toolkit.strategy import StrategyInfo
 from toolkit.tuner.callbacks import EpochLogger, QuietTerminateOnNaN
+from toolkit.tuner.pruning import PRUNED_EPOCH_TAG, PRUNED_TAG, FinishedCurves, Pruner
 from toolkit.tuner.results import STATUS, TrialResult, _failure_reason, _history_metrics, _nan_epoch, _trial_metrics
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,9 @@ class TrackedTunerMixin:
         self._started: dict[str, float] = {}
         self._histories: dict[str, list[Any]] = {}
         self._logged_params: dict[str, set[str]] = {}
+        # tuner.pruning: the epoch each pruned trial stopped at, and the search's finished curves.
+        self._pruned: dict[str, int] = {}
+        self._finished_curves: FinishedCurves | None = None
         super().__init__(*args, **kwargs)
 
     def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
@@ -81,6 +85,16 @@ class TrackedTunerMixin:
             QuietTerminateOnNaN(),
             EpochLogger(self.tracker.uri, run_id),
         ]
+        if self.card.tuner.pruning is not None:
+            if self._finished_curves is None:
+                objective = self.oracle.objective
+                self._finished_curves = FinishedCurves(
+                    self.tracker.uri, self.tracker.parent_run_id, objective.name, objective.direction
+                )
+            epochs = int(kwargs.get("epochs", self.card.train.epochs))
+            kwargs["callbacks"].append(
+                Pruner(self.card.tuner.pruning, self._finished_curves, run_id, self._pruned, trial.trial_id, epochs)
+            )
         if self.card.train.diagnostics:
             from toolkit.diagnostics import DiagnosticsCallback
 
@@ -98,6 +112,12 @@ class TrackedTunerMixin:
         seconds = time.perf_counter() - self._started.pop(trial.trial_id)
         histories = self._histories.pop(trial.trial_id, None)
         stop: RuntimeError | None = None
+        pruned_epoch = self._pruned.pop(trial.trial_id, None)
+        if pruned_epoch is not None and trial.status == "COMPLETED":
+            # Tagged before the oracle hears of the end: a distributed chief reads it from the run.
+            self.tracker.set_tags({PRUNED_TAG: "true", PRUNED_EPOCH_TAG: str(pruned_epoch)}, run_id)
+        else:
+            pruned_epoch = None
         try:
             # The oracle records the trial first. If the process dies (or is interrupted) before
             # the run is closed, the run stays open: run_search's cleanup or the next resume
@@ -131,9 +151,19 @@ class TrackedTunerMixin:
         late = {k: v for k, v in trial.hyperparameters.values.items() if k not in logged}
         if late:
             tracking.log_params(self.tracker.uri, run_id, late, synchronous=False)
+        if status != "FINISHED":
+            pruned_epoch = None
         self.tracker.end_trial(run_id, status, failure=failure, metrics=summary, details=trial.message if failure else None)
         result = TrialResult(
-            trial.trial_id, status, dict(trial.hyperparameters.values), metrics, best_epoch, seconds, failure, run_id
+            trial.trial_id,
+            status,
+            dict(trial.hyperparameters.values),
+            metrics,
+            best_epoch,
+            seconds,
+            failure,
+            run_id,
+            pruned_epoch=pruned_epoch,
         )
         self.results.append(result)
         self._prune_checkpoints()
