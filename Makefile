@@ -8,6 +8,10 @@ GPU ?= $(if $(wildcard $(VENV)/.installed-cuda),1,0)
 # One stamp per TensorFlow build, so that `make install GPU=1` on a CPU install (or GPU=0 back) re-runs.
 STAMP := $(VENV)/.installed$(if $(filter 1,$(GPU)),-cuda,)
 EXP ?= quickstart
+# The UI without MLflow's job runner (its ~8 huey consumers serve GenAI jobs, not trial tracking),
+# on two web workers instead of four. tests/test_ui.py starts it the same way.
+UI_ENV = MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
+UI_ARGS = --workers 2
 SET ?=
 WORKERS ?= 0
 PORT ?= 5000
@@ -49,14 +53,14 @@ constraints: install ## re-pin constraints.txt to what .venv holds now (after a 
 	@{ sed -n '1,2p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v '@ file'; } > constraints.tmp && mv constraints.tmp constraints.txt
 
 tune: install ## run a search: make tune EXP=quickstart [SET="train.epochs=5"] [WORKERS=2]
-	$(BIN)/toolkit tune $(EXP) $(SET_ARGS) $(WORKER_ARGS)
+	TOOLKIT_UI_PORT=$(PORT) $(BIN)/toolkit tune $(EXP) $(SET_ARGS) $(WORKER_ARGS)
 
 validate: install ## check a card without training: make validate EXP=quickstart
 	$(BIN)/toolkit validate $(EXP) $(SET_ARGS)
 
 ui: install ## MLflow UI over the default store on 127.0.0.1:$(PORT)
 	@mkdir -p mlruns
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port $(PORT)
+	$(UI_ENV) $(BIN)/mlflow ui $(UI_ARGS) --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port $(PORT)
 
 serve: install ## serve models:/$(EXP)@champion over HTTP on 127.0.0.1:$(or $(SERVE_PORT),5001)
 	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///mlruns/mlflow.db} \

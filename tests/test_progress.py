@@ -91,7 +91,9 @@ def test_tune_is_quiet_by_default_and_prints_progress_and_summary(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("trial ")]
     assert len(lines) == 2 and "2/2 done" in lines[-1]
     assert "best trial" in proc.stdout
-    assert f"Browse: mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']}" in proc.stdout
+    assert f"Browse: mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']} --port 5000, then open " in proc.stdout
+    # The link opens the UI on this search's trials (tests/test_ui.py renders it in Chromium).
+    assert "http://127.0.0.1:5000/#/experiments/" in proc.stdout and "/runs?viewStateShareKey=trials-" in proc.stdout
     verbose = subprocess.run([*args, "--verbose"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert verbose.returncode == 0
     assert "oneDNN" in verbose.stderr or "tensorflow" in verbose.stderr.lower()

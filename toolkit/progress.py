@@ -136,23 +136,31 @@ def print_summary(result: Any, console: Console | None = None) -> None:
             soft_wrap=True,
         )
     console.print(
-        f"parent run {result.parent_run_id} in experiment {result.name!r}. {_browse_hint()}", highlight=False, soft_wrap=True
+        f"parent run {result.parent_run_id} in experiment {result.name!r}. {_browse_hint(getattr(result, 'ui_view', None))}",
+        highlight=False,
+        soft_wrap=True,
     )
     sys.stdout.flush()
 
 
-def _browse_hint() -> str:
-    """How to open the UI over the store this search wrote to."""
+def _browse_hint(view: str | None = None) -> str:
+    """How to open the UI over the store this search wrote to, on the trials' view when there is one.
+
+    ``make ui`` serves on ``TOOLKIT_UI_PORT`` (the Makefile passes its ``PORT``), 5000 by default.
+    """
     import os
 
     from toolkit.security import redact_uri
 
     uri = redact_uri(os.environ.get("MLFLOW_TRACKING_URI", ""))  # never print a password
+    view = view or ""
     if uri.startswith(("http://", "https://")):
-        return f"Browse: {uri}"
+        return f"Browse: {uri.rstrip('/')}/{view}"
+    port = os.environ.get("TOOLKIT_UI_PORT", "5000")
+    address = f"http://127.0.0.1:{port}/{view}"
     if uri and uri != "sqlite:///mlruns/mlflow.db" and not uri.endswith("/mlruns/mlflow.db"):
-        return f"Browse: mlflow ui --backend-store-uri {uri}"
-    return "Browse: make ui  (then http://127.0.0.1:5000)"
+        return f"Browse: mlflow ui --backend-store-uri {uri} --port {port}, then open {address}"
+    return f"Browse: make ui, then open {address}"
 
 
 def _short(value: Any) -> str:

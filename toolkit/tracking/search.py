@@ -27,6 +27,11 @@ ROLE = "toolkit.role"
 PARENT_TAG = "mlflow.parentRunId"
 
 
+# The experiment tag MLflow's UI reads to open an experiment as model training, not GenAI.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+
+
 class SearchTracker:
     """The MLflow side of one search: the parent run and its nested trial runs.
 
@@ -82,6 +87,43 @@ class SearchTracker:
                 raise
             self.experiment_id = found.experiment_id
         return self.experiment_id
+
+    def trials_view(self, hyperparameters: list[str] | None = None) -> str:
+        """Save a view of this search's trials in the MLflow UI; return its address within the UI.
+
+        MLflow's UI opens a view saved as the experiment tag ``mlflow.sharedViewState.<key>``
+        from the address ``#/experiments/<id>/runs?viewStateShareKey=<key>`` (its "Share"
+        button does the same). This one lists the trial runs of the search, best first, with
+        the objective, its best value and the hyperparameters as columns, and no clicks. The
+        experiment is also marked a model-training one (``mlflow.experimentKind``), so the UI
+        does not offer its GenAI pages for it.
+
+        Args:
+            hyperparameters: The params to show as columns. Defaults to none.
+
+        Returns:
+            ``#/experiments/<id>/runs?viewStateShareKey=<key>``.
+        """
+        experiment_id = self.ensure_experiment()
+        objective = self.cfg.objective
+        state = {
+            "searchFilter": f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
+            "orderByKey": f"metrics.`best_{objective}`",
+            "orderByAsc": self.cfg.direction == "min",
+            "selectedColumns": [
+                f"metrics.`best_{objective}`",
+                f"metrics.`{objective}`",
+                "metrics.`trial_seconds`",
+                *(f"params.`{h}`" for h in hyperparameters or []),
+                "tags.`toolkit.trial_id`",
+            ],
+        }
+        key = f"trials-{self.parent_run_id}"
+        found = self.client.get_experiment(experiment_id)
+        if found.tags.get(EXPERIMENT_KIND) is None:
+            self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+        self.client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{key}", json.dumps(state))
+        return f"#/experiments/{experiment_id}/runs?viewStateShareKey={key}"
 
     def start_search(self, search_id: str, parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> str:
         """Create the parent run, or reattach to ``parent_run_id`` when resuming.

@@ -50,6 +50,8 @@ class SearchResult:
     model_uri: str | None = None
     # Each trial's epochs (train.epochs; None under Hyperband, which sets its own).
     epochs: int | None = None
+    # The MLflow UI's view of the trials, within the UI: "#/experiments/<id>/runs?viewStateShareKey=...".
+    ui_view: str | None = None
 
 
 def _nan_epoch(history: Any) -> int | None:

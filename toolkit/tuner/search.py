@@ -154,6 +154,7 @@ def _search(
     state_file.write_text(json.dumps({"search_id": sid, "parent_run_id": parent}))
     result = SearchResult(cfg.name, cfg.objective, cfg.direction, parent, tracker.ensure_experiment(), resumed=resumed)
     result.epochs = None if cfg.tuner.algorithm == "hyperband" else cfg.train.epochs
+    result.ui_view = _trials_view(tracker, [])
     # Searches that resume add up their time.
     earlier_seconds = tracker.parent_metric("search_seconds") if resumed else 0.0
     status, reason = "FAILED", "the search failed"
@@ -185,6 +186,7 @@ def _search(
         result.trials = _all_trials(tuner, tracker)
         result.best = _best(result.trials, cfg, tuner)
         metrics = finish_search(tuner, tracker, cfg, dataset, result, workdir)
+        result.ui_view = _trials_view(tracker, result.trials) or result.ui_view
         if cfg.tracking.report:
             from toolkit.analysis import log_search_report
 
@@ -205,6 +207,16 @@ def _search(
             # Every run this process opened ends KILLED (interrupted) or FAILED (crashed), never RUNNING.
             tracker.close_open_runs(status, reason)
     return result
+
+
+def _trials_view(tracker: tracking.SearchTracker, trials: list[TrialResult]) -> str | None:
+    """The MLflow UI's view of the trials (see SearchTracker.trials_view); a failure is logged, never raised."""
+    names = list(dict.fromkeys(h for t in trials for h in t.hyperparameters if not h.startswith("tuner/")))
+    try:
+        return tracker.trials_view(names)
+    except Exception as exc:
+        log.warning("could not save the MLflow UI's view of the trials: %s: %s", type(exc).__name__, exc)
+        return None
 
 
 def search_inputs(cfg: ExperimentConfig, dataset: Dataset) -> tuple[tuple[Any, ...], dict[str, Any]]:
