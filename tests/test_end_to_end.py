@@ -33,6 +33,15 @@ def test_quickstart_search_is_recorded_as_parent_and_nested_trials(store, mlflow
         history = mlflow_client.get_metric_history(trial.info.run_id, "val_loss")
         assert sorted(m.step for m in history) == [0, 1]
         assert {"loss", "accuracy", "val_accuracy"} <= set(trial.data.metrics)
+        # MLflow's system metrics, on by default: a trial shorter than one sampling interval still has its sample.
+        for name in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+            history = mlflow_client.get_metric_history(trial.info.run_id, f"system/{name}")
+            assert history and all(m.value >= 0 for m in history), name
+        assert 0 < trial.data.metrics["system/system_memory_usage_megabytes"] < 10_000_000
+    from toolkit import analysis
+
+    said = analysis.system_findings(analysis.load_search(result.parent_run_id))
+    assert len(said) == 1 and f"the best trial, {result.best.trial_id}, trained" in said[0] and "% busy" in said[0], said
 
     artifact = mlflow_client.download_artifacts(parent.info.run_id, "experiment.yaml")
     card = yaml.safe_load(open(artifact))
@@ -41,3 +50,9 @@ def test_quickstart_search_is_recorded_as_parent_and_nested_trials(store, mlflow
     assert card["train"]["epochs"] == 2
     assert parent.data.metrics["trials_completed"] == 2
     assert "best_val_accuracy" in parent.data.metrics
+
+
+def test_system_metrics_can_be_turned_off(store, mlflow_client):
+    result = run_search(shrunk("quickstart", "tuner.max_trials=1", "tracking.log_model=false", "tracking.system_metrics=false"))
+    run = mlflow_client.get_run(result.trials[0].run_id)
+    assert "val_accuracy" in run.data.metrics and not [m for m in run.data.metrics if m.startswith("system/")]

@@ -458,6 +458,8 @@ class TrackingConfig(_Section):
     log_model: bool = True
     register_model: bool = True
     report: bool = True
+    # CPU, memory, disk and network (GPU where present) on every trial run, by MLflow's monitor.
+    system_metrics: bool = True
     # Experiments whose latest searches the report sets beside this one (best trial, trials of
     # similar parameter count), e.g. a CNN card against its MLP partner card.
     compare_with: list[str] = Field(default_factory=list, max_length=10)

@@ -50,6 +50,7 @@ from toolkit.analysis.findings import (
     pruning_findings,
     regularization_findings,
     regularization_knobs,
+    system_findings,
 )
 from toolkit.analysis.importance import Importance, hyperparameter_importance, importance_findings
 from toolkit.analysis.load import SearchData, find_search, load_search, metric_direction, trials_table
@@ -104,6 +105,7 @@ __all__ = [
     "regularization_findings",
     "regularization_knobs",
     "similar_size_pair",
+    "system_findings",
     "trials_table",
     "write_report",
 ]

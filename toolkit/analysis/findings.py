@@ -106,6 +106,22 @@ def best_trial_finding(data: SearchData) -> list[str]:
     return [text + tail]
 
 
+def system_findings(data: SearchData) -> list[str]:
+    """The best trial's peak memory and mean CPU, from MLflow's system metrics (when they were logged)."""
+    done = data.finished
+    if done.empty:
+        return []
+    best = done.sort_values("objective", ascending=data.direction == "min").iloc[0]
+    curves = data.curves.get(best["run_id"], {})
+    cpu, memory = curves.get("system/cpu_utilization_percentage"), curves.get("system/system_memory_usage_megabytes")
+    if cpu is None or memory is None or not cpu.size or not memory.size:
+        return []
+    return [
+        f"While the best trial, {best['trial_id']}, trained, the machine's memory in use peaked at {np.nanmax(memory):,.0f} MB "
+        f"and its CPUs were {np.nanmean(cpu):.0f}% busy on average ({cpu.size} sample(s) of MLflow's system metrics)."
+    ]
+
+
 def pruning_findings(data: SearchData) -> list[str]:
     """How many trials ``tuner.pruning`` stopped, and the epochs that saved."""
     rule = data.card.get("tuner.pruning.rule")

@@ -12,6 +12,8 @@ from toolkit import tracking
 from toolkit.config import ConfigError, objective_direction
 
 CURVE_METRICS = ("loss", "val_loss")
+# MLflow's system metrics (tracking.system_metrics) the report reads for the best trial.
+SYSTEM_METRICS = ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes")
 # KerasTuner's own hyperparameters (Hyperband's ``tuner/epochs``, ``tuner/round``, ...) are
 # bookkeeping, not knobs of the model.
 TUNER_PREFIX = "tuner/"
@@ -194,6 +196,13 @@ def load_search(
     lead = ["trial_id", "run_id", "status", *hyperparameters, "objective", "best_epoch", "epochs"]
     table = table[[c for c in lead if c in table] + sorted(c for c in table if c not in lead)]
     table.attrs.update(objective=objective, direction=direction, hyperparameters=list(hyperparameters))
+    # The best trial's system metrics, whole histories: the report gives its peak memory and mean CPU.
+    done = table[(table["status"] == "FINISHED") & np.isfinite(table["objective"].astype(float))] if not table.empty else table
+    if not done.empty:
+        best = done.sort_values("objective", ascending=direction == "min").iloc[0]["run_id"]
+        for metric in SYSTEM_METRICS:
+            if metric in done.columns:
+                curves.setdefault(best, {})[metric] = _history(client, best, metric)
     card = parent.data.params
     model = card.get("model.builder") or card.get("model.family") or ""
     if model == "None":  # a card without a builder logs model.builder as None

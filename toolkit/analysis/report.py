@@ -29,6 +29,7 @@ from toolkit.analysis.findings import (
     overfitting_findings,
     pruning_findings,
     regularization_findings,
+    system_findings,
 )
 from toolkit.analysis.importance import Importance, hyperparameter_importance, importance_findings
 from toolkit.analysis.load import SearchData, find_search, load_search
@@ -140,7 +141,7 @@ def build_report(data: SearchData, out: Path, others: dict[str, SearchData | Non
     # (activation × depth, gradients, L1/L2, optimizers) return nothing where their knobs or
     # diagnostics are absent.
     sections = [
-        ("Best trial", [best_trial_finding, pruning_findings]),
+        ("Best trial", [best_trial_finding, pruning_findings, system_findings]),
         ("Hyperparameter choices", [choice_findings, activation_depth_findings, numeric_findings]),
         ("Gradients (vanishing and dead units)", [gradient_findings]),
         ("Overfitting and regularization", [overfitting_findings, regularization_findings]),

@@ -19,6 +19,7 @@ from toolkit import tracking
 from toolkit.config import ALGORITHMS, ConfigError, ExperimentConfig
 from toolkit.data import Dataset
 from toolkit.strategy import StrategyInfo
+from toolkit.tracking.system import sampling_interval, start_monitor
 from toolkit.tuner.callbacks import EpochLogger, QuietTerminateOnNaN
 from toolkit.tuner.pruning import PRUNED_EPOCH_TAG, PRUNED_TAG, FinishedCurves, Pruner
 from toolkit.tuner.results import STATUS, TrialResult, _failure_reason, _history_metrics, _nan_epoch, _trial_metrics
@@ -56,6 +57,9 @@ class TrackedTunerMixin:
         # tuner.pruning: the epoch each pruned trial stopped at, and the search's finished curves.
         self._pruned: dict[str, int] = {}
         self._finished_curves: FinishedCurves | None = None
+        # tracking.system_metrics: MLflow's monitor per trial run, sampled at a tenth of the last trial's length.
+        self._monitors: dict[str, Any] = {}
+        self._last_seconds: float | None = None
         super().__init__(*args, **kwargs)
 
     def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
@@ -72,6 +76,10 @@ class TrackedTunerMixin:
         self.tracker.log_datasets(run_id, self.dataset, ("training", "validation"))
         self._runs[trial.trial_id] = run_id
         self._started[trial.trial_id] = time.perf_counter()
+        if self.card.tracking.system_metrics:
+            monitor = start_monitor(run_id, self.tracker.uri, sampling_interval(self._last_seconds))
+            if monitor is not None:
+                self._monitors[trial.trial_id] = monitor
 
     def run_trial(self, trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> Any:
         # A distributed worker's oracle client vets the values the chief sent before anything is built.
@@ -110,6 +118,10 @@ class TrackedTunerMixin:
     def on_trial_end(self, trial: kt.engine.trial.Trial) -> None:
         run_id = self._runs.pop(trial.trial_id)
         seconds = time.perf_counter() - self._started.pop(trial.trial_id)
+        self._last_seconds = seconds
+        monitor = self._monitors.pop(trial.trial_id, None)
+        if monitor is not None:
+            monitor.finish()  # its last samples go in before the run closes
         histories = self._histories.pop(trial.trial_id, None)
         stop: RuntimeError | None = None
         pruned_epoch = self._pruned.pop(trial.trial_id, None)
