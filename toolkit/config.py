@@ -39,6 +39,9 @@ ACTIVATIONS = (
 SGD_FAMILY = ("momentum", "nesterov")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad")
 ALGORITHMS = ("random", "grid", "bayesian", "hyperband")
+# What the toolkit measures of every trial's trained model, beside Keras' metrics (all lower is
+# better): its parameter count, its saved weights' size and its inference latency for one batch.
+MEASURES = ("model_params", "model_size_mb", "latency_ms")
 STRATEGIES = ("auto", "cpu", "gpu", "mirrored", "tpu", "multi_worker")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 SHIPPED_DATASETS = ("digits", "breast_cancer", "wine", "iris")
@@ -343,6 +346,30 @@ class PruningConfig(_Section):
         return self
 
 
+class Bound(_Section):
+    """A constraint on one measure of a trial: ``{max: 20000}``, ``{min: 0.9}`` or both."""
+
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _a_bound(self) -> Bound:
+        if self.min is None and self.max is None:
+            raise ValueError("a constraint needs min, max or both, e.g. {max: 20000}. Received: neither")
+        for name, value in (("min", self.min), ("max", self.max)):
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number. Received: {value}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min must not exceed max. Received: min={self.min:g}, max={self.max:g}")
+        return self
+
+
+def _measure_name(value: str, what: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        raise ValueError(f"{what} names a measure ({', '.join(MEASURES)}) or a metric such as val_accuracy. Received: {value!r}")
+    return value
+
+
 class TunerConfig(_Section):
     """Which KerasTuner algorithm runs the trials, and what it optimizes."""
 
@@ -359,6 +386,11 @@ class TunerConfig(_Section):
     max_retries_per_trial: int = Field(0, ge=0, le=100)
     # None: every trial trains all its epochs.
     pruning: PruningConfig | None = None
+    # Measure (MEASURES) or metric name → bounds. A trial outside them is infeasible: the oracle
+    # hears the worst score so far for it, and the champion is the best feasible trial.
+    constraints: dict[str, Bound] | None = None
+    # Two or three measures or metrics: the report's non-dominated trials, tagged toolkit.pareto.
+    pareto: list[str] | None = None
 
     @model_validator(mode="after")
     def _pruning_for_its_algorithms(self) -> TunerConfig:
@@ -368,6 +400,28 @@ class TunerConfig(_Section):
                 "Received: algorithm='hyperband' with pruning. Remove tuner.pruning or pick another algorithm"
             )
         return self
+
+    @field_validator("constraints")
+    @classmethod
+    def _constraint_names(cls, value: dict[str, Bound] | None) -> dict[str, Bound] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("constraints needs at least one measure, e.g. {model_params: {max: 20000}}. Received: {}")
+            for name in value:
+                _measure_name(name, "each constraint")
+        return value
+
+    @field_validator("pareto")
+    @classmethod
+    def _pareto_names(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not 2 <= len(value) <= 3 or len(set(value)) != len(value):
+                raise ValueError(
+                    f"pareto takes two or three different measures, e.g. [val_accuracy, model_params]. Received: {value}"
+                )
+            for name in value:
+                _measure_name(name, "each pareto entry")
+        return value
 
     @field_validator("objective")
     @classmethod
@@ -695,6 +749,10 @@ class ExperimentConfig(_Section):
             data["space"].pop(key)
         if not self.model.augment:
             data["model"].pop("augment")
+        # Off by default: a card without them keeps the record (and the search id) it had before.
+        for key in ("constraints", "pareto"):
+            if data["tuner"].get(key) is None:
+                data["tuner"].pop(key)
         if data["data"].get("image_size") is None:
             data["data"].pop("image_size")
         return data

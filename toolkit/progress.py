@@ -64,7 +64,9 @@ class Reporter:
         self.done += 1
         key = f"best_{self.cfg.objective}"
         score = result.metrics.get(key)
-        if result.status == "FINISHED" and score is not None and math.isfinite(score):
+        # Under tuner.constraints an infeasible trial cannot be the best (it cannot be the champion).
+        counts_for_best = getattr(result, "feasible", None) is not False
+        if result.status == "FINISHED" and score is not None and math.isfinite(score) and counts_for_best:
             better = self.best is None or (score < self.best[0] if self.cfg.direction == "min" else score > self.best[0])
             if better:
                 self.best = (score, result.trial_id)
@@ -80,6 +82,8 @@ class Reporter:
         detail = f"{self.cfg.objective}={_fmt(score)}" if result.status == "FINISHED" else f"reason: {result.failure}"
         if pruned is not None:
             detail += f" (pruned after epoch {pruned + 1})"
+        if getattr(result, "feasible", None) is False:
+            detail += " (infeasible)"
         total = f"/{self.total}" if self.total else ""
         counts = f"{self.done}{total} done" + (f" ({self.pruned} pruned)" if self.pruned else "")
         self.console.print(
@@ -112,6 +116,9 @@ def print_summary(result: Any, console: Console | None = None) -> None:
         saved = f" ({len(pruned)} pruned" + (
             f", {sum(epochs - t.pruned_epoch - 1 for t in pruned)} epochs saved)" if epochs else ")"
         )
+    feasible = [t for t in result.trials if getattr(t, "feasible", None) is not None]
+    if feasible:
+        saved += f" ({sum(bool(t.feasible) for t in feasible)} feasible)"
     console.print(
         f"[bold]{result.name}[/bold]: {done} trial(s) finished{saved}, {failed} failed in {result.seconds:.1f}s"
         + (" (resumed)" if result.resumed else ""),
@@ -120,7 +127,13 @@ def print_summary(result: Any, console: Console | None = None) -> None:
     )
     if result.stopped_reason:
         console.print(f"[yellow]search {result.stopped_reason}[/yellow]", highlight=False, soft_wrap=True)
-    if result.best is None:
+    if result.best is None and feasible:
+        console.print(
+            "[red]no feasible trial[/red]; each trial's toolkit.infeasible tag in MLflow says which constraint it broke",
+            highlight=False,
+            soft_wrap=True,
+        )
+    elif result.best is None:
         console.print(
             "[red]no trial finished with a score[/red]; see each trial's toolkit.failure tag in MLflow",
             highlight=False,

@@ -25,6 +25,9 @@ Modules, one concept each:
   :func:`importance_findings`.
 - :mod:`~toolkit.analysis.compare`: :func:`comparison_findings`, :func:`comparison_table`,
   :func:`similar_size_pair`: one search beside others (``tracking.compare_with``).
+- :mod:`~toolkit.analysis.pareto`: ``tuner.constraints`` and ``tuner.pareto``:
+  :func:`violations`, :func:`non_dominated`, :func:`pareto_flags`, :func:`pareto_table`,
+  :func:`constraint_findings`, :func:`pareto_findings`, :func:`plot_pareto`.
 - :mod:`~toolkit.analysis.plots`: the ``plot_*`` functions and :data:`PLOTS`.
 - :mod:`~toolkit.analysis.report`: :class:`Report`, :func:`build_report`, :func:`write_report`,
   :func:`log_search_report`, :func:`regenerate`.
@@ -54,6 +57,15 @@ from toolkit.analysis.findings import (
 )
 from toolkit.analysis.importance import Importance, hyperparameter_importance, importance_findings
 from toolkit.analysis.load import SearchData, find_search, load_search, metric_direction, trials_table
+from toolkit.analysis.pareto import (
+    constraint_findings,
+    non_dominated,
+    pareto_findings,
+    pareto_flags,
+    pareto_table,
+    plot_pareto,
+    violations,
+)
 from toolkit.analysis.plots import (
     PLOTS,
     plot_activation_depth,
@@ -80,6 +92,7 @@ __all__ = [
     "choice_findings",
     "comparison_findings",
     "comparison_table",
+    "constraint_findings",
     "epochs_to_target",
     "find_search",
     "gradient_findings",
@@ -91,10 +104,15 @@ __all__ = [
     "load_search",
     "log_search_report",
     "metric_direction",
+    "non_dominated",
     "numeric_findings",
     "optimizer_findings",
     "optimizer_ranking",
     "overfitting_findings",
+    "pareto_findings",
+    "pareto_flags",
+    "pareto_table",
+    "plot_pareto",
     "plot_activation_depth",
     "plot_gap_vs_regularization",
     "plot_gradient_norms",
@@ -107,5 +125,6 @@ __all__ = [
     "similar_size_pair",
     "system_findings",
     "trials_table",
+    "violations",
     "write_report",
 ]

@@ -173,6 +173,10 @@ def load_search(
         pruned = run.data.tags.get("toolkit.pruned_epoch")
         if pruned is not None and pruned.isdigit():
             row["pruned_epoch"] = int(pruned)
+        # tuner.constraints and tuner.pareto: "true"/"false", and what an infeasible trial broke.
+        for column in ("feasible", "infeasible", "pareto"):
+            if f"toolkit.{column}" in run.data.tags:
+                row[column] = run.data.tags[f"toolkit.{column}"]
         if run.info.status == "FINISHED":
             curves[run.info.run_id] = {
                 m: _history(client, run.info.run_id, m) for m in dict.fromkeys((objective, *CURVE_METRICS))

@@ -33,6 +33,7 @@ from toolkit.analysis.findings import (
 )
 from toolkit.analysis.importance import Importance, hyperparameter_importance, importance_findings
 from toolkit.analysis.load import SearchData, find_search, load_search
+from toolkit.analysis.pareto import constraint_findings, pareto_findings, pareto_table, plot_pareto
 from toolkit.analysis.plots import PLOTS
 from toolkit.config import ConfigError, ExperimentConfig
 
@@ -141,7 +142,7 @@ def build_report(data: SearchData, out: Path, others: dict[str, SearchData | Non
     # (activation × depth, gradients, L1/L2, optimizers) return nothing where their knobs or
     # diagnostics are absent.
     sections = [
-        ("Best trial", [best_trial_finding, pruning_findings, system_findings]),
+        ("Best trial", [best_trial_finding, constraint_findings, pruning_findings, system_findings]),
         ("Hyperparameter choices", [choice_findings, activation_depth_findings, numeric_findings]),
         ("Gradients (vanishing and dead units)", [gradient_findings]),
         ("Overfitting and regularization", [overfitting_findings, regularization_findings]),
@@ -166,6 +167,18 @@ def build_report(data: SearchData, out: Path, others: dict[str, SearchData | Non
         table = _safely(comparison_table, data, others, default=None)
         if table is not None:
             report.add("table", table)
+    front = _safely(pareto_table, data, default=None)
+    if front is not None and not front.empty:
+        report.add("h2", "Pareto front")
+        report.add("ul", _safely(pareto_findings, data, default=[]))
+        report.add("table", front)
+        try:
+            path = plot_pareto(data, plot_dir)
+        except Exception as exc:  # as for every plot: the report stands without it
+            log.warning("could not draw the Pareto front: %s", exc)
+            path = None
+        if path is not None:
+            report.add("img", ("Pareto front", f"{PLOT_DIR}/{path.name}", path))
     if ranking is not None:
         report.add("h2", "Optimizers: epochs to target")
         report.add("table", ranking)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from toolkit.config import ExperimentConfig, objective_direction
+from toolkit.config import MEASURES, ExperimentConfig, objective_direction
 
 if TYPE_CHECKING:
     from toolkit import tracking
@@ -31,6 +31,8 @@ class TrialResult:
     run_id: str | None = None
     # tuner.pruning: the epoch (0-based) the trial was stopped after; None if it ran them all.
     pruned_epoch: int | None = None
+    # tuner.constraints: whether the trial met them; None without constraints (or unfinished).
+    feasible: bool | None = None
 
 
 @dataclass
@@ -155,6 +157,8 @@ def trials_rows(trials: list[TrialResult]) -> list[dict[str, Any]]:
             {
                 "best_epoch": "" if t.best_epoch is None else t.best_epoch,
                 "pruned_epoch": "" if t.pruned_epoch is None else t.pruned_epoch,
+                **{name: t.metrics.get(name, "") for name in MEASURES},
+                "feasible": "" if t.feasible is None else str(t.feasible).lower(),
                 "seconds": round(t.seconds, 3),
                 "failure": t.failure or "",
                 "run_id": t.run_id or "",
@@ -188,7 +192,7 @@ def _result_from_run(run: Any, tuner: Any) -> TrialResult:
     tid = run.data.tags["toolkit.trial_id"]
     data = run.data.metrics
     # Final values are the latest per-epoch ones; the best_* summaries were logged at trial end.
-    metrics = {k: float(v) for k, v in data.items() if k.startswith("best_") or f"best_{k}" in data}
+    metrics = {k: float(v) for k, v in data.items() if k.startswith("best_") or f"best_{k}" in data or k in MEASURES}
     trials = getattr(tuner.oracle, "trials", {})
     trial = trials.get(tid) if isinstance(trials, dict) else None
     hps = dict(trial.hyperparameters.values) if trial is not None else dict(run.data.params)
@@ -197,6 +201,7 @@ def _result_from_run(run: Any, tuner: Any) -> TrialResult:
         seconds = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else 0.0
     best_epoch = int(data["best_epoch"]) if "best_epoch" in data else None
     pruned = run.data.tags.get("toolkit.pruned_epoch")
+    feasible = run.data.tags.get("toolkit.feasible")
     return TrialResult(
         tid,
         run.info.status,
@@ -207,14 +212,19 @@ def _result_from_run(run: Any, tuner: Any) -> TrialResult:
         run.data.tags.get("toolkit.failure"),
         run.info.run_id,
         pruned_epoch=int(pruned) if pruned is not None and pruned.isdigit() else None,
+        feasible=None if feasible is None else feasible == "true",
     )
 
 
 def _best(trials: list[TrialResult], cfg: ExperimentConfig, tuner: Any = None) -> TrialResult | None:
-    """The best FINISHED trial, as KerasTuner's oracle ranks it (so it matches get_best_models)."""
+    """The best FINISHED trial (under tuner.constraints, the best feasible one), as KerasTuner's oracle ranks it."""
     finished = {t.trial_id: t for t in trials if t.status == "FINISHED"}
+    if cfg.tuner.constraints:
+        # A trial without the tag ran before constraints existed for it: it proved nothing.
+        finished = {tid: t for tid, t in finished.items() if t.feasible}
     if tuner is not None:
-        for trial in tuner.oracle.get_best_trials(1):
+        # The oracle heard the worst score so far for an infeasible trial; a tie may still rank one first.
+        for trial in tuner.oracle.get_best_trials(len(trials) + 1):
             if trial.trial_id in finished:
                 return finished[trial.trial_id]
     key = f"best_{cfg.objective}"

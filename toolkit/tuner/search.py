@@ -15,7 +15,7 @@ from typing import Any
 import keras
 
 from toolkit import models, tracking
-from toolkit.config import ConfigError, ExperimentConfig
+from toolkit.config import MEASURES, ConfigError, ExperimentConfig
 from toolkit.data import Dataset, load_dataset, make_pipeline
 from toolkit.strategy import StrategyInfo, make_strategy
 from toolkit.tuner.lock import SearchLock
@@ -41,13 +41,21 @@ def task_metrics(task: str) -> list[str]:
 
 
 def check_objective(cfg: ExperimentConfig, task: str) -> None:
-    """Fail before any training when the objective is not a metric the task produces."""
+    """Fail before any training when the objective, a constraint or a Pareto entry is not a metric the task produces."""
     valid = task_metrics(task)
     if cfg.objective not in valid:
         raise ConfigError(
             f"tuner.objective: {cfg.objective!r} is not a metric of this {task} task. Accepted: {', '.join(valid)}",
             field="tuner.objective",
         )
+    measured = [*valid, *MEASURES]
+    for where, names in (("tuner.constraints", list(cfg.tuner.constraints or ())), ("tuner.pareto", cfg.tuner.pareto or [])):
+        for name in names:
+            if name not in measured:
+                raise ConfigError(
+                    f"{where}: {name!r} is neither a measure nor a metric of this {task} task. Accepted: {', '.join(measured)}",
+                    field=where,
+                )
 
 
 def run_search(
@@ -302,6 +310,14 @@ def finish_search(
     done = [t for t in result.trials if t.status == "FINISHED"]
     failed = [t for t in result.trials if t.status == "FAILED"]
     metrics: dict[str, float] = {"trials_completed": len(done), "trials_failed": len(failed)}
+    if cfg.tuner.constraints:
+        metrics["trials_feasible"] = sum(1 for t in done if t.feasible)
+        if done and result.best is None:
+            reason = f"found no feasible trial: none of the {len(done)} finished met tuner.constraints ({_constraints_text(cfg)}), so no champion is logged"
+            result.stopped_reason = reason
+            tracker.set_tags({"toolkit.no_feasible": reason})
+    if cfg.tuner.pareto:
+        _tag_pareto(tracker, cfg, result.trials)
     tracker.log_csv(trials_rows(result.trials), "trials.csv")
     tracker.log_json(tuner.oracle.get_space().get_config(), "search_space.json")
     best = result.best
@@ -320,7 +336,8 @@ def finish_search(
             # The checkpoint holds the trained optimizer's slots, which a freshly compiled model
             # has not built yet; they are not needed to evaluate or serve.
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-            model = tuner.get_best_models(1)[0]
+            # The trial picked, not the oracle's first: under tuner.constraints they can differ.
+            model = tuner.load_model(tuner.oracle.get_trial(best.trial_id))
     except (OSError, ValueError) as exc:
         # The trials and their record stand; only the model is missing (its checkpoint was
         # deleted by hand, say). Say so on the parent rather than fail the whole search.
@@ -347,3 +364,30 @@ def finish_search(
         metrics["model_log_seconds"] = logged.seconds
     prune_checkpoints(workdir, keep={best.trial_id})
     return metrics
+
+
+def _constraints_text(cfg: ExperimentConfig) -> str:
+    parts = []
+    for name, bound in (cfg.tuner.constraints or {}).items():
+        if bound.min is not None:
+            parts.append(f"{name} >= {bound.min:g}")
+        if bound.max is not None:
+            parts.append(f"{name} <= {bound.max:g}")
+    return ", ".join(parts)
+
+
+def _tag_pareto(tracker: tracking.SearchTracker, cfg: ExperimentConfig, trials: list[TrialResult]) -> None:
+    """Tag every trial run ``toolkit.pareto=true|false``: the front of ``tuner.pareto`` among the finished (feasible) trials."""
+    from toolkit.analysis.pareto import PARETO_TAG, pareto_flags
+
+    candidates = [t for t in trials if t.status == "FINISHED" and (not cfg.tuner.constraints or t.feasible)]
+    flags = dict(
+        zip(
+            (t.trial_id for t in candidates),
+            pareto_flags([t.metrics for t in candidates], cfg.tuner.pareto, cfg.objective, cfg.direction),
+            strict=True,
+        )
+    )
+    for t in trials:
+        if t.run_id:
+            tracker.set_tags({PARETO_TAG: str(flags.get(t.trial_id, False)).lower()}, t.run_id)

@@ -13,14 +13,17 @@ from typing import Any
 
 import keras
 import keras_tuner as kt
+import numpy as np
 from keras_tuner.src import config as kt_config
+from keras_tuner.src.engine import tuner_utils
 
 from toolkit import tracking
+from toolkit.analysis.pareto import FEASIBLE_TAG, INFEASIBLE_TAG, violations
 from toolkit.config import ALGORITHMS, ConfigError, ExperimentConfig
 from toolkit.data import Dataset
 from toolkit.strategy import StrategyInfo
 from toolkit.tracking.system import sampling_interval, start_monitor
-from toolkit.tuner.callbacks import EpochLogger, QuietTerminateOnNaN
+from toolkit.tuner.callbacks import EpochLogger, QuietTerminateOnNaN, TrialMeasures, one_batch
 from toolkit.tuner.pruning import PRUNED_EPOCH_TAG, PRUNED_TAG, FinishedCurves, Pruner
 from toolkit.tuner.results import STATUS, TrialResult, _failure_reason, _history_metrics, _nan_epoch, _trial_metrics
 
@@ -60,6 +63,11 @@ class TrackedTunerMixin:
         # tracking.system_metrics: MLflow's monitor per trial run, sampled at a tenth of the last trial's length.
         self._monitors: dict[str, Any] = {}
         self._last_seconds: float | None = None
+        # Each trial's measures (model_params, model_size_mb, latency_ms), and under
+        # tuner.constraints the ones it broke (empty: feasible).
+        self._measures: dict[str, dict[str, float]] = {}
+        self._broken: dict[str, list[str]] = {}
+        self._latency_batch: Any = None
         super().__init__(*args, **kwargs)
 
     def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
@@ -88,10 +96,14 @@ class TrackedTunerMixin:
         if reason:
             raise kt.errors.FailedTrialError(reason)
         run_id = self._runs[trial.trial_id]
+        if self._latency_batch is None:
+            x = self.dataset.x_val if len(self.dataset.y_val) else self.dataset.x_train
+            self._latency_batch = one_batch(x, self.card.train.batch_size)
         kwargs["callbacks"] = [
             *kwargs.get("callbacks", []),
             QuietTerminateOnNaN(),
             EpochLogger(self.tracker.uri, run_id),
+            TrialMeasures(self._latency_batch, self._measures, trial.trial_id),
         ]
         if self.card.tuner.pruning is not None:
             if self._finished_curves is None:
@@ -113,7 +125,31 @@ class TrackedTunerMixin:
             epoch = _nan_epoch(history)
             if epoch is not None:
                 raise kt.errors.FailedTrialError(f"the loss became NaN or infinite at epoch {epoch} (learning rate too high?)")
+        constraints = self.card.tuner.constraints
+        if constraints:
+            objective = self.oracle.objective
+            values, _ = _history_metrics(self._histories[trial.trial_id], objective.name, objective.direction)
+            broken = violations({**values, **self._measures.get(trial.trial_id, {})}, constraints)
+            self._broken[trial.trial_id] = broken
+            if broken:
+                return self._penalized(histories)
         return histories
+
+    def _penalized(self, histories: Any) -> dict[str, float]:
+        """What the oracle hears of an infeasible trial: its metrics, with the worst score so far.
+
+        The objective becomes the worst score among the trials the oracle has completed (this
+        trial's own when that is worse), so the Bayesian oracle's model sees the region as poor
+        and Hyperband does not carry the trial on. The trial's run keeps what it really scored.
+        """
+        objective = self.oracle.objective
+        reported = dict(tuner_utils.convert_to_metrics_dict(histories, objective))
+        scores = [float(reported[objective.name])]
+        for other in self.oracle.get_best_trials(1_000_000):  # a distributed worker asks the chief
+            if other.status == "COMPLETED" and other.score is not None and np.isfinite(other.score):
+                scores.append(float(other.score))
+        reported[objective.name] = max(scores) if objective.direction == "min" else min(scores)
+        return reported
 
     def on_trial_end(self, trial: kt.engine.trial.Trial) -> None:
         run_id = self._runs.pop(trial.trial_id)
@@ -130,6 +166,13 @@ class TrackedTunerMixin:
             self.tracker.set_tags({PRUNED_TAG: "true", PRUNED_EPOCH_TAG: str(pruned_epoch)}, run_id)
         else:
             pruned_epoch = None
+        broken = self._broken.pop(trial.trial_id, None)
+        if broken is not None and trial.status == "COMPLETED":
+            # Before the oracle's end too: the chief picks the champion among the feasible runs.
+            feasible = {FEASIBLE_TAG: str(not broken).lower()}
+            if broken:
+                feasible[INFEASIBLE_TAG] = "; ".join(broken)
+            self.tracker.set_tags(feasible, run_id)
         try:
             # The oracle records the trial first. If the process dies (or is interrupted) before
             # the run is closed, the run stays open: run_search's cleanup or the next resume
@@ -153,7 +196,11 @@ class TrackedTunerMixin:
         metrics, best_epoch = _history_metrics(histories, objective.name, objective.direction)
         if not metrics:
             metrics, best_epoch = _trial_metrics(trial, objective.name)
+        measures = self._measures.pop(trial.trial_id, {})
+        metrics.update(measures)
         summary = {k: v for k, v in metrics.items() if k.startswith("best_")}
+        # model_params is already on the run: EpochLogger logs it before the first epoch.
+        summary.update({k: v for k, v in measures.items() if k != "model_params"})
         summary["trial_seconds"] = seconds
         if best_epoch is not None:
             summary["best_epoch"] = best_epoch
@@ -176,6 +223,7 @@ class TrackedTunerMixin:
             failure,
             run_id,
             pruned_epoch=pruned_epoch,
+            feasible=None if broken is None or status != "FINISHED" else not broken,
         )
         self.results.append(result)
         self._prune_checkpoints()
@@ -199,7 +247,9 @@ class TrackedTunerMixin:
         """
         if isinstance(self, kt.Hyperband):
             return
-        best = {t.trial_id for t in self.oracle.get_best_trials(1)}
+        infeasible = {r.trial_id for r in self.results if r.feasible is False}
+        ranked = [t.trial_id for t in self.oracle.get_best_trials(len(infeasible) + 1) if t.trial_id not in infeasible]
+        best = set(ranked[:1])
         for result in self.results:
             if result.trial_id not in best:
                 _remove_checkpoint(self._get_checkpoint_fname(result.trial_id))
