@@ -448,6 +448,9 @@ class TrainConfig(_Section):
     early_stopping: int = Field(0, ge=0, le=100_000)
     # Per-epoch diagnostics: gradient norms, dead ReLUs, weight norms, train/val gap.
     diagnostics: bool = True
+    # k-fold cross-validation: the train and validation splits joined, k stratified folds, each
+    # trial trained k times and scored by the mean over folds (None: the one validation split).
+    folds: int | None = Field(None, ge=2, le=20)
 
     @field_validator("batch_sizes", mode="before")
     @classmethod
@@ -652,6 +655,23 @@ class ExperimentConfig(_Section):
         return value
 
     @model_validator(mode="after")
+    def _folds_with_what_they_can_share(self) -> ExperimentConfig:
+        if self.train.folds is None:
+            return self
+        if self.tuner.algorithm == "hyperband":
+            raise ValueError(
+                "train.folds does not go with hyperband: its later rounds continue an earlier trial's weights, "
+                "which were trained on the other folds' validation data. Received: "
+                f"algorithm='hyperband', folds={self.train.folds}. Use random, grid or bayesian"
+            )
+        if self.tuner.pruning is not None:
+            raise ValueError(
+                "train.folds does not go with tuner.pruning: a trial's score is known only after its last fold. "
+                f"Received: folds={self.train.folds} with pruning. Remove one of them"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _space_for_the_model(self) -> ExperimentConfig:
         set_keys = [k for k in SpaceConfig.model_fields if k in self.space.model_fields_set]
         if self.model.builder is not None:
@@ -753,6 +773,8 @@ class ExperimentConfig(_Section):
         for key in ("constraints", "pareto"):
             if data["tuner"].get(key) is None:
                 data["tuner"].pop(key)
+        if data["train"].get("folds") is None:
+            data["train"].pop("folds")
         if data["data"].get("image_size") is None:
             data["data"].pop("image_size")
         return data

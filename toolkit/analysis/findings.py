@@ -98,9 +98,24 @@ def best_trial_finding(data: SearchData) -> list[str]:
         f"Best: trial {best['trial_id']} ({_setting(best, data.varying or data.hyperparameters)}) reached "
         f"{data.objective} {_value(data.objective, best['objective'])} at epoch {int(best['best_epoch']) + 1}"
     )
+    spread = f"{data.objective}_std"
+    if spread in best and math.isfinite(float(best[spread])):
+        k = len(fold_columns(data, ranked))
+        low, high = best.get(f"{data.objective}_ci_low"), best.get(f"{data.objective}_ci_high")
+        text += f" (mean over {k} folds, std {_value(data.objective, float(best[spread]))}"
+        if low is not None and math.isfinite(float(low)):
+            text += f", 95% CI {_value(data.objective, float(low))}–{_value(data.objective, float(high))}"
+        text += ")"
     if len(ranked) > 1:
         second = ranked.iloc[1]
         text += f"; the runner-up, trial {second['trial_id']}, was {_diff(data.objective, best['objective'] - second['objective'])} behind"
+        pair = ranked.iloc[:2].assign(_which=["best", "runner-up"])
+        interval = _interval(data, pair, "_which", "best", "runner-up")
+        if interval is not None:
+            scale, unit = (100.0, " pp") if _is_share(data.objective) else (1.0, "")
+            low, high, over = interval
+            text += f" (95% CI of the lead {low * scale:+.1f} to {high * scale:+.1f}{unit}, {over}"
+            text += "; it crosses zero)" if low <= 0 <= high else ")"
     failed = int((data.table["status"] == "FAILED").sum())
     tail = f" ({len(done)} finished trial(s)" + (f", {failed} failed)." if failed else ").")
     return [text + tail]
@@ -143,20 +158,76 @@ def pruning_findings(data: SearchData) -> list[str]:
     return [f"{text}; the best trial, {best['trial_id']}, {ran}."]
 
 
-def _comparison(data: SearchData, stats: pd.DataFrame, a: Any, b: Any) -> str:
-    """``a`` against ``b`` by mean objective, with a caveat when either rests on too few trials."""
+def _comparison(data: SearchData, stats: pd.DataFrame, a: Any, b: Any, part: pd.DataFrame | None = None, name: str = "") -> str:
+    """``a`` against ``b`` by mean objective, with a 95% interval where there is one and a caveat when either rests on too few trials.
+
+    Args:
+        data: The search.
+        stats: :func:`_group_stats` of ``part`` by ``name``.
+        a: The value set against ``b``.
+        b: The other value.
+        part: The trials compared, for the interval. Defaults to None (no interval).
+        name: The hyperparameter whose values ``a`` and ``b`` are. Defaults to "".
+    """
     mean_a, mean_b = float(stats.loc[a, "mean"]), float(stats.loc[b, "mean"])
     n_a, n_b = int(stats.loc[a, "count"]), int(stats.loc[b, "count"])
     what = f"mean {data.objective}" if max(n_a, n_b) > 1 else data.objective
     numbers = f"({_value(data.objective, mean_a)} vs {_value(data.objective, mean_b)}, n={n_a} and {n_b})"
+    interval = _interval(data, part, name, a, b) if part is not None and name else None
     if mean_a == mean_b:
         text = f"{a} and {b} tied in {what} {numbers}"
     else:
         verb = "beat" if data.better(mean_a, mean_b) else "trailed"
         text = f"{a} {verb} {b} by {_diff(data.objective, mean_a - mean_b)} in {what} {numbers}"
-    if min(n_a, n_b) < MIN_GROUP:
+    if interval is not None:
+        low, high, over = interval
+        share = _is_share(data.objective)
+        scale, unit = (100.0, " pp") if share else (1.0, "")
+        text += f" (95% CI of {a} − {b}, better positive: {low * scale:+.1f} to {high * scale:+.1f}{unit}, {over})"
+        if low <= 0 <= high:
+            text += "; the interval crosses zero, so these trials do not establish a difference"
+    elif min(n_a, n_b) < MIN_GROUP:
         text += f"; with fewer than {MIN_GROUP} trials per value there are {NOT_ENOUGH} whether that holds beyond these runs"
     return text
+
+
+def fold_columns(data: SearchData, table: pd.DataFrame) -> list[str]:
+    """The ``fold_<i>/best_<objective>`` columns of a ``train.folds`` search, in fold order."""
+    pattern = re.compile(rf"fold_(\d+)/best_{re.escape(data.objective)}")
+    found = [(int(m.group(1)), c) for c in table.columns if (m := pattern.fullmatch(str(c)))]
+    return [c for _, c in sorted(found)]
+
+
+def _interval(data: SearchData, part: pd.DataFrame, name: str, a: Any, b: Any) -> tuple[float, float, str] | None:
+    """The 95% t interval of (``a`` − ``b``) in objective, signed so that positive means ``a`` is better.
+
+    Over trials (Welch's interval of the two means) when each value has two trials or more; over
+    folds (paired: the same folds, the difference per fold) when each has one trial of a
+    ``train.folds`` search; else None.
+    """
+    from scipy import stats as scipy_stats
+
+    sign = 1.0 if data.direction == "max" else -1.0
+    rows_a, rows_b = part[part[name] == a], part[part[name] == b]
+    va, vb = rows_a["objective"].astype(float).to_numpy(), rows_b["objective"].astype(float).to_numpy()
+    if len(va) >= MIN_GROUP and len(vb) >= MIN_GROUP:
+        diff = sign * (va.mean() - vb.mean())
+        se_a, se_b = va.var(ddof=1) / len(va), vb.var(ddof=1) / len(vb)
+        se = math.sqrt(se_a + se_b)
+        if se == 0:
+            return diff, diff, f"over trials, n={len(va)} and {len(vb)}"
+        dof = (se_a + se_b) ** 2 / (se_a**2 / (len(va) - 1) + se_b**2 / (len(vb) - 1))  # Welch–Satterthwaite
+        half = float(scipy_stats.t.ppf(0.975, dof)) * se
+        return diff - half, diff + half, f"over trials, n={len(va)} and {len(vb)}"
+    columns = fold_columns(data, part)
+    if len(va) == 1 and len(vb) == 1 and len(columns) >= 2:
+        d = sign * (rows_a[columns].iloc[0].astype(float).to_numpy() - rows_b[columns].iloc[0].astype(float).to_numpy())
+        d = d[np.isfinite(d)]
+        if len(d) < 2:
+            return None
+        half = float(scipy_stats.t.ppf(0.975, len(d) - 1)) * float(d.std(ddof=1)) / math.sqrt(len(d))
+        return float(d.mean()) - half, float(d.mean()) + half, f"over {len(d)} folds, paired"
+    return None
 
 
 def _group_stats(data: SearchData, part: pd.DataFrame, name: str) -> pd.DataFrame:
@@ -197,7 +268,7 @@ def choice_findings(data: SearchData) -> list[str]:
             continue
         stats = _group_stats(data, done, name)
         listing = _listing(data, stats)
-        out.append(f"{name}: {_comparison(data, stats, stats.index[0], stats.index[-1])}. All values: {listing}.")
+        out.append(f"{name}: {_comparison(data, stats, stats.index[0], stats.index[-1], done, name)}. All values: {listing}.")
     return out
 
 
@@ -279,7 +350,7 @@ def activation_depth_findings(data: SearchData) -> list[str]:
             out.append(f"At {label}: {NOT_ENOUGH} how the activations compare (only {', '.join(stats.index) or 'no trials'}).")
             continue
         a, b = ("relu", "sigmoid") if {"relu", "sigmoid"} <= set(stats.index) else (stats.index[0], stats.index[-1])
-        out.append(f"At {label}, {_comparison(data, stats, a, b)}.")
+        out.append(f"At {label}, {_comparison(data, stats, a, b, part, 'activation')}.")
     return out
 
 

@@ -38,19 +38,25 @@ class EpochLogger(keras.callbacks.Callback):
     Args:
         uri: The tracking URI.
         run_id: The trial's run.
+        prefix: Put before every metric's name (``fold_2/`` under ``train.folds``). Defaults to "".
+        log_size: Log ``model_params`` before the first epoch. Defaults to True.
     """
 
-    def __init__(self, uri: str, run_id: str) -> None:
+    def __init__(self, uri: str, run_id: str, prefix: str = "", log_size: bool = True) -> None:
         super().__init__()
         self.uri = uri
         self.run_id = run_id
+        self.prefix = prefix
+        self.log_size = log_size
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         # The model's size, whatever built it: the report sets trials of similar size side by side.
-        tracking.log_metrics(self.uri, self.run_id, {"model_params": float(self.model.count_params())}, step=0, synchronous=False)
+        if self.log_size:
+            size = {"model_params": float(self.model.count_params())}
+            tracking.log_metrics(self.uri, self.run_id, size, step=0, synchronous=False)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        metrics = tracking.finite_metrics(logs or {})
+        metrics = {self.prefix + k: v for k, v in tracking.finite_metrics(logs or {}).items()}
         if metrics:
             # Queued, not awaited: an epoch's end must not wait for the store.
             tracking.log_metrics(self.uri, self.run_id, metrics, step=epoch, synchronous=False)

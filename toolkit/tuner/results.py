@@ -97,6 +97,70 @@ def _history_metrics(histories: list[Any] | None, objective: str, direction: str
     return metrics, best_epoch
 
 
+@dataclass
+class FoldSummary:
+    """A ``train.folds`` trial's folds, summed up (see :func:`fold_summary`).
+
+    Attributes:
+        reported: Every metric's mean over folds at the best epoch: what the oracle hears.
+        curves: Every metric's per-epoch mean over folds: the run's plain-named curves.
+        metrics: ``<objective>_std``, ``<objective>_ci_low``/``_ci_high`` (the 95% t interval of
+            the mean over folds) and ``fold_<i>/best_<objective>`` (each fold at the best epoch).
+        best_epoch: The best epoch of the mean objective curve.
+    """
+
+    reported: dict[str, float]
+    curves: dict[str, np.ndarray]
+    metrics: dict[str, float]
+    best_epoch: int
+
+
+def fold_summary(histories: list[Any], folds: int, objective: str, direction: str) -> FoldSummary:
+    """Sum up a trial trained once per fold (and ``executions_per_trial`` times in each).
+
+    Each fold's curve is the mean over its executions; the trial's curve is the mean over folds,
+    cut to the shortest fold (early stopping may end folds at different epochs). The trial's score
+    is that curve at its best epoch, the same epoch for every fold, so the spread over folds is
+    the spread of one model choice.
+
+    Args:
+        histories: The Keras histories, fold by fold (``folds`` × executions).
+        folds: The number of folds.
+        objective: The objective's name.
+        direction: ``"min"`` or ``"max"``.
+    """
+    from toolkit.data.folds import fold_statistics
+
+    per = max(len(histories) // folds, 1)
+    fold_curves: list[dict[str, np.ndarray]] = []
+    for i in range(folds):
+        runs = [getattr(h, "history", {}) for h in histories[i * per : (i + 1) * per]]
+        names = set.intersection(*(set(r) for r in runs)) if runs else set()
+        curves = {}
+        for name in names:
+            length = min(len(r[name]) for r in runs)
+            curves[name] = np.mean([np.asarray(r[name][:length], dtype="float64") for r in runs], axis=0)
+        fold_curves.append(curves)
+    names = sorted(set.intersection(*(set(c) for c in fold_curves)))
+    length = min((len(c[n]) for c in fold_curves for n in names), default=0)
+    mean = {n: np.mean([c[n][:length] for c in fold_curves], axis=0) for n in names}
+    curve = mean.get(objective, np.array([]))
+    finite = np.isfinite(curve)
+    if not finite.any():
+        return FoldSummary({n: float("nan") for n in names}, mean, {}, 0)
+    masked = np.where(finite, curve, np.inf if direction == "min" else -np.inf)
+    best = int(np.argmin(masked) if direction == "min" else np.argmax(masked))
+    values = [float(c[objective][best]) for c in fold_curves]
+    stats = fold_statistics(values)
+    metrics = {
+        f"{objective}_std": stats["std"],
+        f"{objective}_ci_low": stats["ci_low"],
+        f"{objective}_ci_high": stats["ci_high"],
+        **{f"fold_{i}/best_{objective}": v for i, v in enumerate(values)},
+    }
+    return FoldSummary({n: float(c[best]) for n, c in mean.items()}, mean, metrics, best)
+
+
 def _failure_reason(message: str | None) -> str:
     if not message:
         return "the trial failed"

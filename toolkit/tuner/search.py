@@ -17,6 +17,7 @@ import keras
 from toolkit import models, tracking
 from toolkit.config import MEASURES, ConfigError, ExperimentConfig
 from toolkit.data import Dataset, load_dataset, make_pipeline
+from toolkit.data.folds import fold_indices
 from toolkit.strategy import StrategyInfo, make_strategy
 from toolkit.tuner.lock import SearchLock
 from toolkit.tuner.results import (
@@ -109,6 +110,8 @@ def run_search(
     if not custom:
         # A user's compiled model may log metrics of its own, so only the shipped families are checked here.
         check_objective(cfg, dataset.task)
+    if cfg.train.folds is not None:
+        fold_indices(dataset, cfg.train.folds, cfg.seed)  # too few rows (of a class) for the folds: a card error
     model = models.for_card(cfg, dataset, hypermodel)
     info = make_strategy(cfg.strategy)
     # batch_size is the global batch; a batch smaller than the replicas is a card error, caught here.
@@ -169,6 +172,10 @@ def _search(
     try:
         tracker.log_json(tracking.environment(info), "environment.json")
         tracker.log_data_summary(dataset)
+        if cfg.train.folds is not None:
+            # Which rows (of the training rows, then the validation rows, joined) each fold validates on.
+            validation = [va.tolist() for _, va in fold_indices(dataset, cfg.train.folds, cfg.seed)]
+            tracker.log_json({"folds": cfg.train.folds, "seed": cfg.seed, "validation_rows": validation}, "folds.json")
         tuner = tracked_tuner(cfg, dataset, info, tracker, workdir, model, on_trial)
         if resumed:
             trials = tuner.oracle.trials

@@ -25,7 +25,15 @@ from toolkit.strategy import StrategyInfo
 from toolkit.tracking.system import sampling_interval, start_monitor
 from toolkit.tuner.callbacks import EpochLogger, QuietTerminateOnNaN, TrialMeasures, one_batch
 from toolkit.tuner.pruning import PRUNED_EPOCH_TAG, PRUNED_TAG, FinishedCurves, Pruner
-from toolkit.tuner.results import STATUS, TrialResult, _failure_reason, _history_metrics, _nan_epoch, _trial_metrics
+from toolkit.tuner.results import (
+    STATUS,
+    TrialResult,
+    _failure_reason,
+    _history_metrics,
+    _nan_epoch,
+    _trial_metrics,
+    fold_summary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +76,8 @@ class TrackedTunerMixin:
         self._measures: dict[str, dict[str, float]] = {}
         self._broken: dict[str, list[str]] = {}
         self._latency_batch: Any = None
+        # train.folds: each fold's (train, validation) pipelines.
+        self._folds: list[tuple[Any, Any]] | None = None
         super().__init__(*args, **kwargs)
 
     def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
@@ -99,10 +109,9 @@ class TrackedTunerMixin:
         if self._latency_batch is None:
             x = self.dataset.x_val if len(self.dataset.y_val) else self.dataset.x_train
             self._latency_batch = one_batch(x, self.card.train.batch_size)
-        kwargs["callbacks"] = [
+        shared = [
             *kwargs.get("callbacks", []),
             QuietTerminateOnNaN(),
-            EpochLogger(self.tracker.uri, run_id),
             TrialMeasures(self._latency_batch, self._measures, trial.trial_id),
         ]
         if self.card.tuner.pruning is not None:
@@ -112,28 +121,61 @@ class TrackedTunerMixin:
                     self.tracker.uri, self.tracker.parent_run_id, objective.name, objective.direction
                 )
             epochs = int(kwargs.get("epochs", self.card.train.epochs))
-            kwargs["callbacks"].append(
-                Pruner(self.card.tuner.pruning, self._finished_curves, run_id, self._pruned, trial.trial_id, epochs)
-            )
-        if self.card.train.diagnostics:
-            from toolkit.diagnostics import DiagnosticsCallback
+            shared.append(Pruner(self.card.tuner.pruning, self._finished_curves, run_id, self._pruned, trial.trial_id, epochs))
 
-            kwargs["callbacks"].append(DiagnosticsCallback.from_dataset(self.dataset, self.tracker.uri, run_id))
-        histories = super().run_trial(trial, *args, **kwargs)
-        self._histories[trial.trial_id] = histories if isinstance(histories, list) else [histories]
-        for history in histories if isinstance(histories, list) else [histories]:
+        def callbacks(fold: int | None) -> list[Any]:
+            # Under train.folds each fold logs its curves as fold_<i>/<metric>; the diagnostics
+            # probe the first fold's models only.
+            prefix = "" if fold is None else f"fold_{fold}/"
+            extra = [EpochLogger(self.tracker.uri, run_id, prefix=prefix, log_size=not fold)]
+            if self.card.train.diagnostics and not fold:
+                from toolkit.diagnostics import DiagnosticsCallback
+
+                extra.append(DiagnosticsCallback.from_dataset(self.dataset, self.tracker.uri, run_id))
+            return [*shared, *extra]
+
+        if self.card.train.folds is None:
+            out = super().run_trial(trial, *args, **{**kwargs, "callbacks": callbacks(None)})
+            histories = out if isinstance(out, list) else [out]
+        else:
+            histories = []
+            for fold, (train_ds, val_ds) in enumerate(self._fold_inputs()):
+                fold_kwargs = {**kwargs, "validation_data": val_ds, "callbacks": callbacks(fold)}
+                out = super().run_trial(trial, train_ds, *args[1:], **fold_kwargs)
+                histories.extend(out if isinstance(out, list) else [out])
+        self._histories[trial.trial_id] = histories
+        for history in histories:
             epoch = _nan_epoch(history)
             if epoch is not None:
                 raise kt.errors.FailedTrialError(f"the loss became NaN or infinite at epoch {epoch} (learning rate too high?)")
+        reported: Any = histories
+        if self.card.train.folds is not None:
+            # The oracle hears the mean over folds at the best epoch of the mean curve: what the run logs.
+            objective = self.oracle.objective
+            reported = fold_summary(histories, self.card.train.folds, objective.name, objective.direction).reported
         constraints = self.card.tuner.constraints
         if constraints:
             objective = self.oracle.objective
-            values, _ = _history_metrics(self._histories[trial.trial_id], objective.name, objective.direction)
+            values, _ = _history_metrics(histories, objective.name, objective.direction)
             broken = violations({**values, **self._measures.get(trial.trial_id, {})}, constraints)
             self._broken[trial.trial_id] = broken
             if broken:
-                return self._penalized(histories)
-        return histories
+                return self._penalized(reported)
+        return reported
+
+    def _fold_inputs(self) -> list[tuple[Any, Any]]:
+        """The (train, validation) pipelines of each fold (see :func:`toolkit.data.folds.fold_indices`), made once."""
+        if self._folds is None:
+            from toolkit.data import make_pipeline
+            from toolkit.data.folds import fold_indices, joined
+
+            x, y = joined(self.dataset)
+            batch, seed = self.card.train.batch_size, self.card.seed
+            self._folds = [
+                (make_pipeline(x[tr], y[tr], batch, seed), make_pipeline(x[va], y[va], batch, seed, shuffle=False))
+                for tr, va in fold_indices(self.dataset, self.card.train.folds, seed)
+            ]
+        return self._folds
 
     def _penalized(self, histories: Any) -> dict[str, float]:
         """What the oracle hears of an infeasible trial: its metrics, with the worst score so far.
@@ -198,7 +240,17 @@ class TrackedTunerMixin:
             metrics, best_epoch = _trial_metrics(trial, objective.name)
         measures = self._measures.pop(trial.trial_id, {})
         metrics.update(measures)
+        folds = {}
+        if self.card.train.folds is not None and histories:
+            # The plain-named curves are the mean over folds, logged once the last fold is done.
+            summed = fold_summary(histories, self.card.train.folds, objective.name, objective.direction)
+            for step in range(min((len(c) for c in summed.curves.values()), default=0)):
+                means = tracking.finite_metrics({name: curve[step] for name, curve in summed.curves.items()})
+                tracking.log_metrics(self.tracker.uri, run_id, means, step=step, synchronous=False)
+            folds = summed.metrics
+            metrics.update(folds)
         summary = {k: v for k, v in metrics.items() if k.startswith("best_")}
+        summary.update(folds)
         # model_params is already on the run: EpochLogger logs it before the first epoch.
         summary.update({k: v for k, v in measures.items() if k != "model_params"})
         summary["trial_seconds"] = seconds
