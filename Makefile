@@ -21,7 +21,7 @@ SET_ARGS := $(foreach kv,$(SET),--set $(kv))
 WORKER_ARGS := $(if $(filter-out 0,$(WORKERS)),--workers $(WORKERS),)
 
 .DEFAULT_GOAL := help
-.PHONY: constraints help install tune validate ui serve test test-all lint format bench clean
+.PHONY: constraints help install postgres tune validate ui serve test test-all lint format bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -51,6 +51,17 @@ $(STAMP): pyproject.toml constraints.txt
 
 constraints: install ## re-pin constraints.txt to what .venv holds now (after a tested upgrade)
 	@{ sed -n '1,2p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v '@ file'; } > constraints.tmp && mv constraints.tmp constraints.txt
+
+# Debian's server package keeps initdb off PATH, under /usr/lib/postgresql/<version>/bin.
+PG_INITDB = $(or $(shell command -v initdb 2>/dev/null),$(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb)))
+SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
+
+postgres: install ## PostgreSQL's server (apt, if no initdb) and the postgres extra, for tests/test_postgres.py
+	@if [ -z "$(PG_INITDB)" ]; then \
+	  echo "installing Debian's PostgreSQL server (apt-get install postgresql)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql; \
+	else echo "PostgreSQL's server: $(PG_INITDB)"; fi
+	$(BIN)/python -m pip install --quiet -e ".[postgres]" -c constraints.txt
 
 tune: install ## run a search: make tune EXP=quickstart [SET="train.epochs=5"] [WORKERS=2]
 	TOOLKIT_UI_PORT=$(PORT) $(BIN)/toolkit tune $(EXP) $(SET_ARGS) $(WORKER_ARGS)
