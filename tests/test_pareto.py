@@ -54,6 +54,17 @@ def _brute_force(points, directions):
     ]
 
 
+def _tune(tmp_path, sets, *flags):
+    """``toolkit tune`` on the quickstart card with ``--set`` overrides, over a SQLite store in tmp_path."""
+    cmd = [sys.executable, "-m", "toolkit.cli", "tune", str(ROOT / "experiments" / "quickstart.yaml"), *flags]
+    for kv in sets:
+        cmd += ["--set", kv]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KERASTUNER_", "MLFLOW_"))}
+    env.update({"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"})
+    return uri, subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.parametrize("directions", [("max", "min"), ("min", "min", "max")])
 def test_the_front_is_what_the_definition_says(directions):
     rng = np.random.default_rng(0)
@@ -143,13 +154,7 @@ def test_constraints_crown_the_best_feasible_trial_and_the_pareto_tags_match_bru
 
 def test_a_search_without_a_feasible_trial_says_so_logs_no_champion_and_exits_1(tmp_path):
     sets = [*SIZES, "tuner.max_trials=2", *QUICK, "tuner.constraints={model_params: {max: 10}}"]
-    cmd = [sys.executable, "-m", "toolkit.cli", "tune", str(ROOT / "experiments" / "quickstart.yaml")]
-    for kv in sets:
-        cmd += ["--set", kv]
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KERASTUNER_", "MLFLOW_"))}
-    env.update({"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"})
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    uri, done = _tune(tmp_path, sets)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "no feasible trial" in done.stdout and "(0 feasible)" in done.stdout
     assert "Traceback" not in done.stderr
@@ -174,13 +179,7 @@ def test_constraints_and_the_front_under_two_workers(tmp_path):
     import mlflow
 
     sets = [*SIZES, *QUICK, "tuner.constraints={model_params: {max: 200}}", "tuner.pareto=[val_accuracy, model_params]"]
-    cmd = [sys.executable, "-m", "toolkit.cli", "tune", str(ROOT / "experiments" / "quickstart.yaml"), "--workers", "2"]
-    for kv in sets:
-        cmd += ["--set", kv]
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KERASTUNER_", "MLFLOW_"))}
-    env.update({"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"})
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    uri, done = _tune(tmp_path, sets, "--workers", "2")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "(2 feasible)" in done.stdout
     client = mlflow.MlflowClient(uri)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from toolkit.analysis.load import SearchData
+from toolkit.data.folds import fold_statistics
 
 NOT_ENOUGH = "not enough trials to say"
 # A comparison of two groups rests on at least this many finished trials in each.
@@ -225,8 +226,8 @@ def _interval(data: SearchData, part: pd.DataFrame, name: str, a: Any, b: Any) -
         d = d[np.isfinite(d)]
         if len(d) < 2:
             return None
-        half = float(scipy_stats.t.ppf(0.975, len(d) - 1)) * float(d.std(ddof=1)) / math.sqrt(len(d))
-        return float(d.mean()) - half, float(d.mean()) + half, f"over {len(d)} folds, paired"
+        interval = fold_statistics(d.tolist())
+        return interval["ci_low"], interval["ci_high"], f"over {len(d)} folds, paired"
     return None
 
 

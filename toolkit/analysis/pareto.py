@@ -212,6 +212,10 @@ def pareto_findings(data: Any) -> list[str]:
     ]
 
 
+def _values(trials: Any, name: str) -> list[float]:
+    return [trial_value(row, name) for _, row in trials.iterrows()]
+
+
 def plot_pareto(data: Any, out: Any) -> Any:
     """``pareto.png``: the first two ``tuner.pareto`` measures of every candidate, the front joined.
 
@@ -219,32 +223,23 @@ def plot_pareto(data: Any, out: Any) -> Any:
     """
     from pathlib import Path
 
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from toolkit.analysis.plots import _figure, _save
 
     names, candidates = pareto_candidates(data)
     front = pareto_table(data)
     if front is None or front.empty:
         return None
-    fig = Figure(figsize=(6.4, 4.4), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _figure(6.4, 4.4)
     ax = fig.subplots()
     x_name, y_name = names[1], names[0]
     done = data.finished
     if "feasible" in done and constraints_text(data):
         rejected = done[~_flag(done["feasible"])]
         if not rejected.empty:
-            ax.scatter(
-                [trial_value(r, x_name) for _, r in rejected.iterrows()],
-                [trial_value(r, y_name) for _, r in rejected.iterrows()],
-                marker="x",
-                color="0.6",
-                label="infeasible",
-            )
-    xs = [trial_value(r, x_name) for _, r in candidates.iterrows()]
-    ys = [trial_value(r, y_name) for _, r in candidates.iterrows()]
-    colour = [trial_value(r, names[2]) for _, r in candidates.iterrows()] if len(names) == 3 else None
-    points = ax.scatter(xs, ys, c=colour, cmap="viridis" if colour else None, alpha=0.7, label="trials")
+            ax.scatter(_values(rejected, x_name), _values(rejected, y_name), marker="x", color="0.6", label="infeasible")
+    xs = _values(candidates, x_name)
+    colour = _values(candidates, names[2]) if len(names) == 3 else None
+    points = ax.scatter(xs, _values(candidates, y_name), c=colour, cmap="viridis" if colour else None, alpha=0.7, label="trials")
     if colour:
         fig.colorbar(points, ax=ax, label=names[2])
     line = front.sort_values(x_name)
@@ -253,14 +248,8 @@ def plot_pareto(data: Any, out: Any) -> Any:
         ax.annotate(str(row["trial_id"]), (row[x_name], row[y_name]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     if x_name == "model_params" or (min(xs) > 0 and max(xs) / max(min(xs), 1e-12) > 50):
         ax.set_xscale("log")
-    ax.set_xlabel(
-        f"{x_name} ({'lower' if direction_of(x_name, data.objective, data.direction) == 'min' else 'higher'} is better)"
-    )
-    ax.set_ylabel(
-        f"{y_name} ({'lower' if direction_of(y_name, data.objective, data.direction) == 'min' else 'higher'} is better)"
-    )
+    for axis, name in ((ax.set_xlabel, x_name), (ax.set_ylabel, y_name)):
+        axis(f"{name} ({'lower' if direction_of(name, data.objective, data.direction) == 'min' else 'higher'} is better)")
     ax.set_title("Pareto front" + (f" (colour: {names[2]})" if colour else ""))
     ax.legend(fontsize=8)
-    path = Path(out) / "pareto.png"
-    fig.savefig(path, format="png")
-    return path
+    return _save(fig, Path(out) / "pareto.png")

@@ -27,6 +27,7 @@ from toolkit.tuner.callbacks import EpochLogger, QuietTerminateOnNaN, TrialMeasu
 from toolkit.tuner.pruning import PRUNED_EPOCH_TAG, PRUNED_TAG, FinishedCurves, Pruner
 from toolkit.tuner.results import (
     STATUS,
+    FoldSummary,
     TrialResult,
     _failure_reason,
     _history_metrics,
@@ -76,8 +77,9 @@ class TrackedTunerMixin:
         self._measures: dict[str, dict[str, float]] = {}
         self._broken: dict[str, list[str]] = {}
         self._latency_batch: Any = None
-        # train.folds: each fold's (train, validation) pipelines.
+        # train.folds: each fold's (train, validation) pipelines, and each trial's summary over folds.
         self._folds: list[tuple[Any, Any]] | None = None
+        self._fold_summaries: dict[str, FoldSummary] = {}
         super().__init__(*args, **kwargs)
 
     def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
@@ -152,7 +154,9 @@ class TrackedTunerMixin:
         if self.card.train.folds is not None:
             # The oracle hears the mean over folds at the best epoch of the mean curve: what the run logs.
             objective = self.oracle.objective
-            reported = fold_summary(histories, self.card.train.folds, objective.name, objective.direction).reported
+            summed = fold_summary(histories, self.card.train.folds, objective.name, objective.direction)
+            self._fold_summaries[trial.trial_id] = summed
+            reported = summed.reported
         constraints = self.card.tuner.constraints
         if constraints:
             objective = self.oracle.objective
@@ -241,9 +245,9 @@ class TrackedTunerMixin:
         measures = self._measures.pop(trial.trial_id, {})
         metrics.update(measures)
         folds = {}
-        if self.card.train.folds is not None and histories:
+        summed = self._fold_summaries.pop(trial.trial_id, None)
+        if summed is not None:
             # The plain-named curves are the mean over folds, logged once the last fold is done.
-            summed = fold_summary(histories, self.card.train.folds, objective.name, objective.direction)
             for step in range(min((len(c) for c in summed.curves.values()), default=0)):
                 means = tracking.finite_metrics({name: curve[step] for name, curve in summed.curves.items()})
                 tracking.log_metrics(self.tracker.uri, run_id, means, step=step, synchronous=False)
