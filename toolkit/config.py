@@ -431,6 +431,19 @@ class TunerConfig(_Section):
         return value
 
 
+class EpochStateConfig(_Section):
+    """Resume inside a trial: each trial's state saved at epoch ends, on a time budget.
+
+    At an epoch's end the weights, the optimizer's variables and the history so far are saved
+    in the trial's folder when the time spent saving stays within ``budget`` of the time the
+    trial has trained. A search killed mid-trial continues that trial, on resume, from the last
+    saved epoch instead of epoch 0 (see :mod:`toolkit.tuner.epoch_state`).
+    """
+
+    # The largest share of a trial's training time that saving its state may take.
+    budget: float = Field(0.05, gt=0.0, le=1.0)
+
+
 class TrainConfig(_Section):
     """How each trial trains."""
 
@@ -451,6 +464,18 @@ class TrainConfig(_Section):
     # k-fold cross-validation: the train and validation splits joined, k stratified folds, each
     # trial trained k times and scored by the mean over folds (None: the one validation split).
     folds: int | None = Field(None, ge=2, le=20)
+    # Save each trial's state at epoch ends so that a killed search resumes inside the trial
+    # (true for the default budget; None or false: a resumed trial starts at epoch 0).
+    epoch_state: EpochStateConfig | None = None
+
+    @field_validator("epoch_state", mode="before")
+    @classmethod
+    def _epoch_state_switch(cls, value: Any) -> Any:
+        if value is True:
+            return {}
+        if value is False:
+            return None
+        return value
 
     @field_validator("batch_sizes", mode="before")
     @classmethod
@@ -773,8 +798,9 @@ class ExperimentConfig(_Section):
         for key in ("constraints", "pareto"):
             if data["tuner"].get(key) is None:
                 data["tuner"].pop(key)
-        if data["train"].get("folds") is None:
-            data["train"].pop("folds")
+        for key in ("folds", "epoch_state"):
+            if data["train"].get(key) is None:
+                data["train"].pop(key)
         if data["data"].get("image_size") is None:
             data["data"].pop("image_size")
         return data

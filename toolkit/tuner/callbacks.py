@@ -132,3 +132,25 @@ class TrialMeasures(keras.callbacks.Callback):
         except Exception as exc:  # a model that cannot be saved or predict still trained
             log.warning("trial %s: could not measure the model: %s: %s", self.trial_id, type(exc).__name__, exc)
             self.into[self.trial_id] = {"model_params": float(self.model.count_params())}
+
+
+class EpochKey(keras.callbacks.Callback):
+    """Sets an :func:`toolkit.data.pipeline.epoch_pipeline`'s epoch at each epoch's beginning.
+
+    ``fit`` makes an epoch's iterator after its ``on_epoch_begin`` callbacks, so that iterator
+    shuffles with the epoch's own key: the order is the same in any process, for any trial, and
+    for a trial resumed at ``initial_epoch``.
+
+    Args:
+        epoch: The pipeline's ``toolkit_epoch`` variable.
+    """
+
+    def __init__(self, epoch: Any) -> None:
+        super().__init__()
+        self.epoch = epoch
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> EpochKey:
+        return self  # the copy KerasTuner makes for each execution must set the same pipeline's variable
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.epoch.assign(epoch)

@@ -16,13 +16,16 @@ from toolkit.config import FILE_SUFFIXES, ExperimentConfig
 def search_id(cfg: ExperimentConfig) -> str:
     """A stable id for a card's search: the same card resumes, a changed card starts anew.
 
-    ``tuner.max_trials`` and ``tracking`` are left out, so a search can be extended and moved.
+    ``tuner.max_trials``, ``tracking`` and ``train.epoch_state`` are left out, so a search can
+    be extended, moved, and given state saving.
     A user's data file counts by content: the same card over an edited file is a new search,
     since resuming would mix trials trained on different data.
     """
     card = cfg.to_dict()
     card["tuner"].pop("max_trials", None)
     card.pop("tracking", None)
+    # Saving state changes nothing that is learnt: turning it on keeps the search resumable.
+    card["train"].pop("epoch_state", None)
     source = Path(cfg.data.source).expanduser()
     if cfg.data.source.lower().endswith(FILE_SUFFIXES) and source.is_file():
         card["data"]["content_sha256"] = _file_sha256(source)

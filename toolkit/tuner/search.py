@@ -18,6 +18,7 @@ from toolkit import models, tracking
 from toolkit.config import MEASURES, ConfigError, ExperimentConfig
 from toolkit.data import Dataset, load_dataset, make_pipeline
 from toolkit.data.folds import fold_indices
+from toolkit.data.pipeline import epoch_pipeline
 from toolkit.strategy import StrategyInfo, make_strategy
 from toolkit.tuner.lock import SearchLock
 from toolkit.tuner.results import (
@@ -236,7 +237,8 @@ def _trials_view(tracker: tracking.SearchTracker, trials: list[TrialResult]) -> 
 
 def search_inputs(cfg: ExperimentConfig, dataset: Dataset) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The arguments of ``tuner.search`` (and so of each trial's ``fit``): the same in one process and in every distributed worker."""
-    train_ds = make_pipeline(dataset.x_train, dataset.y_train, cfg.train.batch_size, cfg.seed)
+    # Each epoch's order is keyed to (seed, epoch): the same for a trial in any process, and on resume.
+    train_ds = epoch_pipeline(dataset.x_train, dataset.y_train, cfg.train.batch_size, cfg.seed)
     val_ds = make_pipeline(dataset.x_val, dataset.y_val, cfg.train.batch_size, cfg.seed, shuffle=False)
     callbacks = []
     if cfg.train.early_stopping:

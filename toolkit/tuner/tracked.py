@@ -6,6 +6,7 @@ import contextlib
 import gc
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +24,8 @@ from toolkit.config import ALGORITHMS, ConfigError, ExperimentConfig
 from toolkit.data import Dataset
 from toolkit.strategy import StrategyInfo
 from toolkit.tracking.system import sampling_interval, start_monitor
-from toolkit.tuner.callbacks import EpochLogger, QuietTerminateOnNaN, TrialMeasures, one_batch
+from toolkit.tuner.callbacks import EpochKey, EpochLogger, QuietTerminateOnNaN, TrialMeasures, one_batch
+from toolkit.tuner.epoch_state import RESUMED_FOLD_TAG, RESUMED_TAG, STATE_DIR, StateSaver, TrialState, done_history
 from toolkit.tuner.pruning import PRUNED_EPOCH_TAG, PRUNED_TAG, FinishedCurves, Pruner
 from toolkit.tuner.results import (
     STATUS,
@@ -80,6 +82,8 @@ class TrackedTunerMixin:
         # train.folds: each fold's (train, validation) pipelines, and each trial's summary over folds.
         self._folds: list[tuple[Any, Any]] | None = None
         self._fold_summaries: dict[str, FoldSummary] = {}
+        # train.epoch_state: each running trial's saved state (resume inside a trial).
+        self._states: dict[str, TrialState] = {}
         super().__init__(*args, **kwargs)
 
     def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
@@ -108,6 +112,12 @@ class TrackedTunerMixin:
         if reason:
             raise kt.errors.FailedTrialError(reason)
         run_id = self._runs[trial.trial_id]
+        if self.card.train.epoch_state is not None:
+            key = {"trial_id": trial.trial_id, "parent_run_id": self.tracker.parent_run_id, "hp": trial.hyperparameters.values}
+            state = TrialState(self.get_trial_dir(trial.trial_id), key)
+            self._states[trial.trial_id] = state
+            if state.measures is not None:
+                self._measures[trial.trial_id] = state.measures
         if self._latency_batch is None:
             x = self.dataset.x_val if len(self.dataset.y_val) else self.dataset.x_train
             self._latency_batch = one_batch(x, self.card.train.batch_size)
@@ -167,16 +177,76 @@ class TrackedTunerMixin:
                 return self._penalized(reported)
         return reported
 
+    def _build_and_fit_model(self, trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> Any:
+        """One fit of the trial (a fold, or an execution), keyed to the epoch and resumable.
+
+        The training pipeline's order follows the epoch (:class:`EpochKey`). Under
+        ``train.epoch_state`` a fit that ended in an interrupted attempt is not run again (its
+        saved history stands for it), a fit that was cut continues from its last saved epoch,
+        and the epochs it does not train again are logged to the new run from the saved state.
+        """
+        callbacks = list(kwargs.get("callbacks", []))
+        epoch = getattr(args[0], "toolkit_epoch", None) if args else None
+        if epoch is not None:
+            callbacks.insert(0, EpochKey(epoch))
+        state = self._states.get(trial.trial_id)
+        if state is None:
+            return super()._build_and_fit_model(trial, *args, **{**kwargs, "callbacks": callbacks})
+        fit = state.next_fit
+        state.next_fit += 1
+        run_id = self._runs[trial.trial_id]
+        prefix = "" if self.card.train.folds is None else f"fold_{fit}/"
+        if fit < len(state.fits_done):
+            history = state.fits_done[fit]
+            self._log_saved_epochs(run_id, history, prefix, len(next(iter(history.values()), [])), fit, 0)
+            return done_history(history)
+        progress = state.progress if state.progress is not None and state.progress.fit == fit else None
+        if progress is not None:
+            self._log_saved_epochs(run_id, progress.history, prefix, progress.next_epoch, fit, progress.next_epoch)
+            kwargs["initial_epoch"] = max(int(kwargs.get("initial_epoch", 0)), progress.next_epoch)
+            objective = self.oracle.objective
+            values = [float(v) for v in progress.history.get(objective.name, [])]
+            for callback in callbacks:
+                # KerasTuner's best-epoch checkpoint and the pruner go on from the saved epochs.
+                if isinstance(callback, tuner_utils.SaveBestEpoch) and values:
+                    best = max(values) if objective.direction == "max" else min(values)
+                    if objective.better_than(best, callback.best_value):
+                        callback.best_value = best
+                if isinstance(callback, Pruner):
+                    callback._values = list(values)
+        budget = self.card.train.epoch_state.budget
+        callbacks.append(StateSaver(state, fit, budget, progress, self._measures, trial.trial_id))
+        out = super()._build_and_fit_model(trial, *args, **{**kwargs, "callbacks": callbacks})
+        if progress is not None and hasattr(out, "history"):
+            # fit's History holds the epochs it trained; the trial's history is all of them.
+            out.history = {k: [*progress.history.get(k, []), *v] for k, v in out.history.items()}
+            out.epoch = list(range(len(next(iter(out.history.values()), []))))
+        return out
+
+    def _log_saved_epochs(
+        self, run_id: str, history: dict[str, list[float]], prefix: str, epochs: int, fit: int, resumed: int
+    ) -> None:
+        """Log to the trial's new run the epochs an earlier attempt trained, and tag where it resumed."""
+        for step in range(epochs):
+            metrics = tracking.finite_metrics({prefix + k: v[step] for k, v in history.items() if step < len(v)})
+            if metrics:
+                tracking.log_metrics(self.tracker.uri, run_id, metrics, step=step, synchronous=False)
+        tags = {RESUMED_TAG: str(resumed)}
+        if self.card.train.folds is not None:
+            tags[RESUMED_FOLD_TAG] = str(fit)
+        self.tracker.set_tags(tags, run_id)
+
     def _fold_inputs(self) -> list[tuple[Any, Any]]:
         """The (train, validation) pipelines of each fold (see :func:`toolkit.data.folds.fold_indices`), made once."""
         if self._folds is None:
             from toolkit.data import make_pipeline
             from toolkit.data.folds import fold_indices, joined
+            from toolkit.data.pipeline import epoch_pipeline
 
             x, y = joined(self.dataset)
             batch, seed = self.card.train.batch_size, self.card.seed
             self._folds = [
-                (make_pipeline(x[tr], y[tr], batch, seed), make_pipeline(x[va], y[va], batch, seed, shuffle=False))
+                (epoch_pipeline(x[tr], y[tr], batch, seed), make_pipeline(x[va], y[va], batch, seed, shuffle=False))
                 for tr, va in fold_indices(self.dataset, self.card.train.folds, seed)
             ]
         return self._folds
@@ -258,6 +328,13 @@ class TrackedTunerMixin:
         # model_params is already on the run: EpochLogger logs it before the first epoch.
         summary.update({k: v for k, v in measures.items() if k != "model_params"})
         summary["trial_seconds"] = seconds
+        state = self._states.pop(trial.trial_id, None)
+        if state is not None:
+            # What saving the state cost this trial, over all its attempts; nothing is left to resume.
+            saving = {"state_saving_seconds": state.saving_seconds, "state_saves": float(state.saves)}
+            metrics.update(saving)
+            summary.update(saving)
+            state.clear()
         if best_epoch is not None:
             summary["best_epoch"] = best_epoch
         # A hyperparameter first declared while this trial built its model (a conditional that
@@ -348,6 +425,8 @@ _frozen = False
 def prune_checkpoints(directory: Path, keep: set[str]) -> int:
     """Delete every trial checkpoint under a KerasTuner project except those of ``keep``.
 
+    Saved trial states (``train.epoch_state``) go too: the search has ended, nothing resumes.
+
     Args:
         directory: The project folder (``<store>/tuner/<name>``).
         keep: Trial ids whose checkpoints stay (the best trial's).
@@ -357,6 +436,8 @@ def prune_checkpoints(directory: Path, keep: set[str]) -> int:
     """
     removed = 0
     for trial_dir in directory.glob("trial_*"):
+        if (trial_dir / STATE_DIR).is_dir():
+            shutil.rmtree(trial_dir / STATE_DIR, ignore_errors=True)
         if trial_dir.name[len("trial_") :] in keep:
             continue
         for checkpoint in trial_dir.glob("checkpoint*"):
