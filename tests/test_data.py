@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -556,17 +557,63 @@ def test_keras_dataset_error_is_not_a_config_error(tmp_path, monkeypatch):
         load_dataset(data("cifar10"))
 
 
+def _proxy(monkeypatch: pytest.MonkeyPatch, address: str) -> None:
+    """Send every download through ``address`` (both spellings: urllib prefers the lower-case one)."""
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, address)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _no_global_socket_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(_timeout):
+        raise AssertionError("the download changed the process-wide socket timeout")
+
+    monkeypatch.setattr(socket, "setdefaulttimeout", refuse)
+
+
 def test_keras_download_failure_behind_a_proxy_is_also_clean_and_fast(tmp_path, monkeypatch):
     """With a proxy set the reachability check is skipped; the download itself must fail cleanly."""
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # the discard port: refused at once
+    _proxy(monkeypatch, "http://127.0.0.1:9")  # the discard port: refused at once
+    _no_global_socket_timeout(monkeypatch)
     started = time.perf_counter()
     with pytest.raises(
-        DatasetUnavailable, match=r"dataset 'mnist' is not cached in .* and could not be downloaded \(URL fetch failure"
+        DatasetUnavailable,
+        match=r"dataset 'mnist' is not cached in .* and could not be downloaded \(https://\S+/mnist\.npz: .*refused",
     ):
         load_dataset(data("mnist"))
     assert time.perf_counter() - started < 15
-    assert not (tmp_path / "datasets" / "mnist.npz").exists()  # no partial file left behind
+    assert not list((tmp_path / "datasets").glob("mnist.npz*"))  # no partial file left behind
+
+
+def test_a_stalled_keras_download_times_out_on_its_own_connection(tmp_path, monkeypatch):
+    """A server that accepts and never answers: the download's own timeout ends it, with no
+    change to the process-wide socket default."""
+    from toolkit.data import keras_sets
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(keras_sets, "DOWNLOAD_SOCKET_TIMEOUT_S", 0.5)
+    _no_global_socket_timeout(monkeypatch)
+    before = socket.getdefaulttimeout()
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts; nobody reads
+        _proxy(monkeypatch, f"http://127.0.0.1:{silent.getsockname()[1]}")
+        started = time.perf_counter()
+        with pytest.raises(DatasetUnavailable, match=r"could not be downloaded \(https://\S+/mnist\.npz: no data for 0\.5 s\)"):
+            load_dataset(data("mnist"))
+        assert time.perf_counter() - started < 5
+    assert socket.getdefaulttimeout() == before
+    assert not list((tmp_path / "datasets").glob("mnist.npz*"))
+
+
+def test_a_hand_copied_archive_that_is_not_keras_file_is_refused_without_a_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    _proxy(monkeypatch, "http://127.0.0.1:9")  # were anything fetched, it would fail differently
+    cache = keras_cache_dir("cifar10")
+    cache.mkdir(parents=True)
+    (cache / "cifar-10-python.tar.gz").write_bytes(b"not the archive")
+    with pytest.raises(DatasetUnavailable, match=r"cifar-10-python\.tar\.gz is not the file Keras publishes .*Delete it"):
+        load_dataset(data("cifar10"))
 
 
 def test_reachability_check_gives_up_quickly():

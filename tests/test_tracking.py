@@ -105,6 +105,8 @@ def test_parent_run_has_the_search_artifacts_and_summary_metrics(champion_search
     assert env["devices"]["CPU"]
     assert env["strategy"]["replicas"] == 1
     assert env["git"] is None or len(env["git"]["commit"]) == 40
+    # MLflow's own tag, which MlflowClient.create_run does not set: the same commit, for the UI.
+    assert parent.data.tags.get("mlflow.source.git.commit") == (env["git"] or {}).get("commit")
 
     space = json.loads(read_artifact(client, parent.info.run_id, "search_space.json"))
     assert {"depth", "units", "l2"} <= {hp["config"]["name"] for hp in space["space"]}

@@ -229,9 +229,9 @@ class DiagnosticsCallback(keras.callbacks.Callback):
         batch = [Metric(k, v, now, step) for step, values in self._pending for k, v in values.items()]
         self._pending = []
         try:
-            for i in range(0, len(batch), 1000):
-                # Queued like the per-epoch metrics (see toolkit.tracking): closing the run drains it.
-                tracking.client(self.uri).log_batch(self.run_id, metrics=batch[i : i + 1000], synchronous=tracking._synchronous())
+            # Queued like the per-epoch metrics (see toolkit.tracking): closing the run drains it.
+            # MlflowClient.log_batch splits the batch into the store's per-request limits itself.
+            tracking.client(self.uri).log_batch(self.run_id, metrics=batch, synchronous=tracking._synchronous())
         except Exception as exc:  # a tracking hiccup must not fail the trial
             log.warning("could not log diagnostics to run %s: %s", self.run_id, exc)
 

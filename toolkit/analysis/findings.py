@@ -498,14 +498,20 @@ def overfitting_findings(data: SearchData) -> list[str]:
 
 
 def _spearman(a: pd.Series, b: pd.Series) -> float:
-    """Spearman's rank correlation over the pairs where both values are known."""
+    """Spearman's rank correlation (``scipy.stats.spearmanr``) over the pairs where both values are known.
+
+    Returns:
+        ρ, or NaN where it is undefined (fewer than two pairs, or one side constant), which the
+        callers read as "no clear trend". spearmanr gives NaN there too, with a
+        ConstantInputWarning that a report has no use for.
+    """
+    from scipy import stats as scipy_stats
+
     known = a.notna() & b.notna()
-    ranks_a, ranks_b = a[known].rank(), b[known].rank()
-    if len(ranks_a) < 2:
+    x, y = a[known].to_numpy(dtype=float), b[known].to_numpy(dtype=float)
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
-    if ranks_a.std() == 0 or ranks_b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
+    return float(scipy_stats.spearmanr(x, y).statistic)
 
 
 def _total_weight_l2(table: pd.DataFrame) -> pd.Series:
@@ -546,7 +552,7 @@ def regularization_findings(data: SearchData) -> list[str]:
             )
             continue
         rho = _spearman(part[name], part["gap"])
-        if abs(rho) < WEAK_CORRELATION:
+        if not math.isfinite(rho) or abs(rho) < WEAK_CORRELATION:  # NaN: the gap did not vary
             relation = f"showed no clear relation to gap_loss (Spearman ρ = {rho:.2f} over {len(part)} trials)"
         else:
             relation = (

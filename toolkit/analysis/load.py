@@ -20,6 +20,8 @@ TUNER_PREFIX = "tuner/"
 # The table's own columns; a hyperparameter of the same name gets RESERVED_SUFFIX.
 RESERVED = ("trial_id", "run_id", "status", "objective", "best_epoch", "epochs")
 RESERVED_SUFFIX = " (hp)"
+# Runs asked for per search_runs call: MLflow's own ceiling for one page (SQL stores and servers).
+SEARCH_PAGE = 50_000
 
 
 @dataclass
@@ -145,13 +147,19 @@ def load_search(
     objective = objective or tags.get("toolkit.objective") or "val_loss"
     direction = metric_direction(objective, direction or tags.get("toolkit.direction"))
     experiment = client.get_experiment(parent.info.experiment_id).name
-    runs = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_run_id}'",
-        max_results=50_000,
-    )
+    runs = _child_runs(client, parent.info.experiment_id, parent_run_id)
     runs = [r for r in runs if r.data.tags.get(tracking.ROLE, "trial") == "trial"]
 
+    # Not mlflow.search_runs(output_format="pandas"), checked against MLflow 3.17:
+    # - it has no tracking-URI argument: it reads MLflow's process-wide URI, and pointing that at
+    #   ``uri`` (mlflow.set_tracking_uri) also rewrites MLFLOW_TRACKING_URI in os.environ for every
+    #   thread and child process while it runs;
+    # - it builds its params.* columns from Python sets, so their order changes from one process
+    #   to the next (PYTHONHASHSEED), while the table, plots and report list the hyperparameters
+    #   in the order the trial logged them (the card's order);
+    # - its raw frame is the small part: each row still needs the trial filter, the tuner/ and
+    #   reserved names, typed params, the toolkit tags as columns and the objective's best epoch,
+    #   which is read from the curve fetched here per run.
     rows = []
     hyperparameters: list[str] = []
     curves: dict[str, dict[str, np.ndarray]] = {}
@@ -235,6 +243,23 @@ def trials_table(search: str, uri: str | None = None) -> pd.DataFrame:
     if tracking.client(uri).get_experiment_by_name(search) is not None:
         parent = find_search(search, uri)
     return load_search(parent, uri).table
+
+
+def _child_runs(client: Any, experiment_id: str, parent_run_id: str) -> list[Any]:
+    """Every run nested under the parent, page by page (a store returns at most 50,000 a call)."""
+    runs: list[Any] = []
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_run_id}'",
+            max_results=SEARCH_PAGE,
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
 
 
 def _history(client: Any, run_id: str, metric: str) -> np.ndarray:

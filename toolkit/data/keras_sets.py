@@ -2,18 +2,36 @@
 
 The files live where Keras puts them (``$KERAS_HOME/datasets``). Offline and with no cached copy,
 a load fails fast with :class:`DatasetUnavailable`, naming the cache folder.
+
+Not ``keras.datasets.<name>.load_data()``, checked against Keras 3.15:
+
+- it takes no cache folder. ``get_file`` uses the ``KERAS_HOME`` that Keras read when it was
+  imported, so a ``KERAS_HOME`` set later (tests, notebooks) is ignored, and
+  ``mnist.load_data(path=...)`` refuses a path ("Paths are no longer accepted");
+- with a file missing it goes straight to ``urlretrieve``, which has no timeout. Offline, its DNS
+  lookup or connect can wait for minutes, and its error ("URL fetch failure on ...") names
+  neither the dataset nor the cache folder;
+- ``cifar10.load_data`` looks only in Keras 3's ``cifar-10-batches-py-target`` layout, so a copy
+  that tf.keras 2 downloaded is not found.
+
+So the readers here are a few lines each (the same file formats Keras reads). The download
+goes through ``urllib.request`` with a timeout on its own connection, so the
+process-wide socket default is never touched. The archive is extracted by ``keras.utils.get_file``.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import os
 import pickle
 import socket
 import tempfile
 import threading
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +99,7 @@ _FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal
 # How long the pre-flight reachability check and each socket operation of a download may wait.
 CONNECT_TIMEOUT_S = 5.0
 DOWNLOAD_SOCKET_TIMEOUT_S = 20.0
+_CHUNK = 1 << 20  # bytes read, written and hashed at a time
 
 
 def keras_home() -> Path:
@@ -122,9 +141,9 @@ def keras_cached(name: str) -> bool:
 def _unreachable(url: str, timeout: float = CONNECT_TIMEOUT_S) -> str | None:
     """Why ``url``'s host cannot be reached within ``timeout`` seconds, or None if it can.
 
-    Offline, ``urlretrieve`` can wait on DNS or on a TCP connect for minutes, and it has no
-    timeout argument. ``getaddrinfo`` cannot be given a timeout either, so the check runs in a
-    daemon thread that is abandoned if it takes too long.
+    Offline, the DNS lookup can wait for minutes: ``getaddrinfo`` ignores socket timeouts,
+    ``urlopen``'s included, so the check runs in a daemon thread that is abandoned if it takes
+    too long.
     """
     parts = urllib.parse.urlsplit(url)
     host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
@@ -149,6 +168,46 @@ def _uses_proxy() -> bool:
     return any(os.environ.get(v) for v in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"))
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fetch(url: str, target: Path, sha256: str | None) -> None:
+    """Download ``url`` to ``target``: every socket operation times out, and only a complete file
+    with the expected SHA-256 is put in place."""
+    part = target.with_name(target.name + ".part")
+    digest = hashlib.sha256()
+    try:
+        # The timeout is this connection's own. A fresh opener reads the *_proxy variables now;
+        # urlopen's shared one keeps those of its first use.
+        opener = urllib.request.build_opener()
+        with opener.open(url, timeout=DOWNLOAD_SOCKET_TIMEOUT_S) as response, open(part, "wb") as out:
+            while chunk := response.read(_CHUNK):
+                out.write(chunk)
+                digest.update(chunk)
+        if sha256 and digest.hexdigest() != sha256:
+            raise ValueError(f"{target.name} arrived with SHA-256 {digest.hexdigest()}, not the {sha256} Keras pins")
+        os.replace(part, target)
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def _fetch_problem(url: str, exc: Exception) -> str:
+    """A download failure in one line."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"{url}: HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        exc = exc.reason if isinstance(exc.reason, Exception) else exc
+    if isinstance(exc, TimeoutError):  # socket.timeout is TimeoutError since Python 3.10
+        return f"{url}: no data for {DOWNLOAD_SOCKET_TIMEOUT_S:g} s"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{url}: {text}"
+
+
 def _download(name: str) -> None:
     """Fetch a Keras dataset's files into the cache, failing fast and clearly when offline."""
     spec, cache = _KERAS_SETS[name], keras_cache_dir(name)
@@ -161,32 +220,37 @@ def _download(name: str) -> None:
     reason = None if not missing or _uses_proxy() else _unreachable(spec.origin)
     if reason:
         raise DatasetUnavailable(f"dataset {name!r} is not cached in {cache} and cannot be downloaded ({reason}). {hint}")
-    import keras
-
     if missing:
         log.info("downloading %s (%s) into %s", name, spec.size, cache)
-    # Keras' get_file falls back to /tmp/.keras when the folder does not exist yet.
     cache.mkdir(parents=True, exist_ok=True)
-    previous = socket.getdefaulttimeout()
-    # urlretrieve has no timeout argument: a stalled connection would otherwise hang forever.
-    socket.setdefaulttimeout(DOWNLOAD_SOCKET_TIMEOUT_S)
-    try:
-        for fname in spec.files:
-            keras.utils.get_file(
-                fname,
-                origin=spec.origin + fname,
-                file_hash=spec.sha256,
-                cache_dir=str(keras_home()),
-                cache_subdir=spec.subdir,
-                extract=spec.extract,
+    for fname in missing:
+        url = spec.origin + fname
+        try:
+            _fetch(url, cache / fname, spec.sha256)
+        except Exception as exc:  # urllib, socket, HTTP and hash errors all mean "could not fetch"
+            raise DatasetUnavailable(
+                f"dataset {name!r} is not cached in {cache} and could not be downloaded ({_fetch_problem(url, exc)}). {hint}"
+            ) from None
+    if spec.extract:
+        _extract(name, cache, checked=set(missing))
+
+
+def _extract(name: str, cache: Path, checked: set[str]) -> None:
+    """Unpack a cached archive where the reader looks, with Keras' extraction (it refuses unsafe members)."""
+    import keras
+
+    spec = _KERAS_SETS[name]
+    for fname in spec.files:
+        # A copy put in by hand is checked here: given a hash that does not match, get_file would
+        # download the file again with urlretrieve, which has no timeout.
+        if spec.sha256 and fname not in checked and _sha256(cache / fname) != spec.sha256:
+            raise DatasetUnavailable(
+                f"dataset {name!r}: {cache / fname} is not the file Keras publishes (its SHA-256 differs). "
+                "Delete it to download it again."
             )
-    except Exception as exc:  # urllib, socket, HTTP and hash errors all mean "could not fetch"
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DatasetUnavailable(
-            f"dataset {name!r} is not cached in {cache} and could not be downloaded ({detail}). {hint}"
-        ) from None
-    finally:
-        socket.setdefaulttimeout(previous)
+        keras.utils.get_file(
+            fname, origin=spec.origin + fname, cache_dir=str(keras_home()), cache_subdir=spec.subdir, extract=True
+        )
     if name == "cifar10" and not keras_cached(name):
         # get_file extracts into "<archive stem>_extracted"; move the batches to where we look.
         extracted = next(cache.glob("cifar-10-python*extracted*/cifar-10-batches-py"), None)
@@ -195,7 +259,11 @@ def _download(name: str) -> None:
 
 
 class _ArraysOnly(pickle.Unpickler):
-    """Unpickles numpy arrays and nothing else (CIFAR batches are pickles): no code runs."""
+    """Unpickles numpy arrays and nothing else (CIFAR batches are pickles): no code runs.
+
+    The same allow-list as Keras' ``RestrictedUnpickler``, which lives in the private
+    ``keras.src.datasets.npz_utils`` and is not part of Keras' API.
+    """
 
     _ALLOWED = frozenset(
         {

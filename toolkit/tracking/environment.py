@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# MLflow's run-context tag for the source's commit (mlflow.utils.mlflow_tags.MLFLOW_GIT_COMMIT).
+MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
 # What the logged model needs to be loaded and served. Listing them is the documented way to
 # skip MLflow's requirement inference, which loads the model in a subprocess (~9 s here).
 MODEL_REQUIREMENTS = ("mlflow", "keras", "tensorflow", "numpy", "pandas")
@@ -42,6 +44,15 @@ def pinned_requirements() -> list[str]:
 
 def git_commit(path: Path | None = None) -> dict[str, Any] | None:
     """The git commit of the working tree at ``path`` (default: the current folder), if any.
+
+    MLflow's ``mlflow.source.git.commit`` tag does not cover this (checked against MLflow 3.17):
+    only the fluent ``mlflow.start_run`` sets it, and the toolkit creates its runs with
+    ``MlflowClient.create_run``, which adds no context tags. Even there MLflow reads the
+    repository of ``sys.argv[0]``, not of the folder the search runs in: for ``toolkit tune``
+    that is the console script in ``.venv/bin``, which git ignores, so MLflow finds no commit.
+    It also says nothing of uncommitted changes. So this reads the commit and the dirty flag
+    for ``environment.json``, and the search's parent run gets MLflow's tag from it
+    (:data:`MLFLOW_GIT_COMMIT`), where the MLflow UI shows it.
 
     Returns:
         ``{"commit": sha, "dirty": bool}``, or None outside a repository or without git.

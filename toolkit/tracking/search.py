@@ -15,6 +15,7 @@ import yaml
 
 from toolkit.config import ExperimentConfig
 from toolkit.tracking.champion import LoggedModel, log_champion
+from toolkit.tracking.environment import MLFLOW_GIT_COMMIT, git_commit
 from toolkit.tracking.store import client, ensure_store, store_dir, tracking_uri
 from toolkit.tracking.values import _synchronous, flatten, log_metrics, log_params
 
@@ -151,6 +152,7 @@ class SearchTracker:
             "toolkit.search_id": search_id,
             "toolkit.objective": self.cfg.objective,
             "toolkit.direction": self.cfg.direction,
+            **_git_tags(),
             **(extra_tags or {}),
         }
         run = self.client.create_run(experiment_id, tags=tags, run_name=f"search-{self.cfg.name}")
@@ -545,3 +547,10 @@ class SearchTracker:
     def kill_open_runs(self, reason: str = "interrupted") -> None:
         """Mark every run this process opened as KILLED (on SIGINT/SIGTERM)."""
         self.close_open_runs("KILLED", reason)
+
+
+def _git_tags() -> dict[str, str]:
+    """MLflow's commit tag for the parent run, which ``create_run`` does not add itself (see
+    :func:`toolkit.tracking.environment.git_commit`); empty outside a git repository."""
+    git = git_commit()
+    return {MLFLOW_GIT_COMMIT: git["commit"]} if git else {}

@@ -107,6 +107,8 @@ def check_store(uri: str, field: str = "MLFLOW_TRACKING_URI", must_exist: bool =
     - ``http(s)://``: the server answers ``GET <uri>/health`` within :data:`PROBE_TIMEOUT_S`.
     - ``postgresql://``, ``mysql://``, ``mssql://``: a TCP connection to the host opens.
     - anything else (``databricks``, ...) is left to MLflow.
+    - for writing (not ``must_exist``): ``MLFLOW_ENABLE_ASYNC_LOGGING``, when set, is a value
+      MLflow can read (see :func:`toolkit.tracking.values.check_logging_switch`).
 
     Args:
         uri: The tracking URI.
@@ -118,6 +120,10 @@ def check_store(uri: str, field: str = "MLFLOW_TRACKING_URI", must_exist: bool =
     Raises:
         ConfigError: Naming the setting, the URI (without credentials) and the reason.
     """
+    if not must_exist:
+        from toolkit.tracking.values import check_logging_switch  # values imports this module
+
+        check_logging_switch()
     path = sqlite_path(uri)
     if path is not None and must_exist and not _store_ready(path):
         raise ConfigError(
