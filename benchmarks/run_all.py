@@ -24,6 +24,7 @@ FIGURES = {
     "p5": ("P5 RSS growth over 30 trials", "p5_memory.py"),
     "p6": ("P6 Hyperband epochs to target ÷ random's", "p6_hyperband.py"),
     "p8": ("P8 pruned ÷ unpruned time to the unpruned best − 0.5 pp", "p8_pruning.py"),
+    "state": ("train.epoch_state: state saving ÷ trial time", "state_saving.py"),
     "p9": ("P9 80-trial toolkit tune ÷ bare KerasTuner, with P10 (per-trial drift)", "p9_long_search.py"),
     "p7": ("P7 GPU samples/s ÷ bare fit (or 'no GPU')", "gpu_check.py"),
     "tracking": ("MLflow logging time ÷ trial time", "tracking_overhead.py"),
