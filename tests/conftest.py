@@ -16,6 +16,9 @@ from hypothesis.configuration import set_hypothesis_home_dir
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+# The empty-schema template new stores are copied from (toolkit.tracking.store.schema_template)
+# is built in a cache of this session's own, never in the user's ~/.cache; child processes inherit it.
+os.environ["TOOLKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="toolkit-test-cache-")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +55,9 @@ def _checkout_files() -> dict[str, tuple[int, int]]:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
+    # Under pytest-xdist the controller's session spans every worker's: it alone checks.
+    if hasattr(session.config, "workerinput"):
+        return
     session.config._checkout_before = _checkout_files()  # type: ignore[attr-defined]
 
 
@@ -114,3 +120,36 @@ def shrunk(name: str = "quickstart", *overrides: str):
 
     base = ["tuner.max_trials=2", "train.epochs=1"]
     return load_config(name, [*base, *overrides], experiments_dir=ROOT / "experiments")
+
+
+@pytest.fixture(scope="session")
+def _quickstart_search(tmp_path_factory: pytest.TempPathFactory, _empty_store_db: Path):
+    """One finished quickstart search (2 trials x 2 epochs, diagnostics, system metrics and report
+    on, no model logged), run once for the tests that only read it: test_end_to_end and
+    test_analysis used to run this same search each."""
+    import shutil
+
+    from toolkit.tuner import run_search
+
+    folder = tmp_path_factory.mktemp("quickstart-search") / "store"
+    folder.mkdir()
+    shutil.copyfile(_empty_store_db, folder / "mlflow.db")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        result = run_search(shrunk("quickstart", "train.epochs=2", "tracking.log_model=false"))
+    return uri, result
+
+
+@pytest.fixture
+def quickstart_search(_quickstart_search, monkeypatch: pytest.MonkeyPatch):
+    """The shared quickstart search, its store set as MLFLOW_TRACKING_URI for this test.
+
+    Returns:
+        (uri, result, client): the store's URI, run_search's result and an MlflowClient on it.
+    """
+    from mlflow import MlflowClient
+
+    uri, result = _quickstart_search
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri, result, MlflowClient(tracking_uri=uri)

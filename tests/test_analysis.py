@@ -200,11 +200,11 @@ def test_report_without_a_search_is_a_usage_error(shared_store, monkeypatch, cap
     assert "toolkit tune quickstart" in capsys.readouterr().err
 
 
-def test_quickstart_trials_carry_diagnostics_and_the_parent_the_report(store, mlflow_client, monkeypatch):
+def test_quickstart_trials_carry_diagnostics_and_the_parent_the_report(quickstart_search, monkeypatch):
     from toolkit import cli
-    from toolkit.tuner import run_search
 
-    result = run_search(shrunk("quickstart", "train.epochs=2", "tracking.log_model=false"))
+    # The search is conftest's: shrunk("quickstart", "train.epochs=2", "tracking.log_model=false").
+    store, result, mlflow_client = quickstart_search
     for trial in result.trials:
         run = mlflow_client.get_run(trial.run_id)
         assert {"grad_norm/dense_0", "grad_norm/output", "grad_ratio_first_last", "gap_loss", "gap_accuracy"} <= set(

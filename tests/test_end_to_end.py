@@ -8,9 +8,9 @@ from conftest import shrunk
 from toolkit.tuner import run_search
 
 
-def test_quickstart_search_is_recorded_as_parent_and_nested_trials(store, mlflow_client):
-    cfg = shrunk("quickstart", "train.epochs=2", "tracking.log_model=false")
-    result = run_search(cfg)
+def test_quickstart_search_is_recorded_as_parent_and_nested_trials(quickstart_search):
+    # The search is conftest's: shrunk("quickstart", "train.epochs=2", "tracking.log_model=false").
+    _, result, mlflow_client = quickstart_search
 
     exp = mlflow_client.get_experiment_by_name("quickstart")
     assert exp is not None

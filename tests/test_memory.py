@@ -13,7 +13,9 @@ def test_no_trial_leaves_its_graphs_in_tensorflows_gradient_registry(store):
     # (tensorflow/tensorflow#97697): two more per trial, and 5 MB, unless the tuner drops them.
     counts = []
     run_search(
-        shrunk("quickstart", "tuner.max_trials=3", "tracking.log_model=false", "tracking.report=false", "train.diagnostics=false"),
+        shrunk(
+            "quickstart", "tuner.max_trials=3", "tracking.log_model=false", "tracking.report=false", "train.diagnostics=false"
+        ),
         on_trial=lambda result: counts.append(len(custom_gradient_names())),
     )
     assert len(counts) == 3

@@ -225,3 +225,34 @@ def test_toolkit_tune_on_an_unwritable_card_store_exits_2(tmp_path):
     done = _toolkit("tune", QUICKSTART, "--set", f"tracking.uri={store}", env={}, cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert f"tracking.uri={store}: the folder" in done.stderr
+
+
+def test_a_new_store_is_a_copy_of_the_cached_empty_schema_with_its_own_artifact_folder(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from toolkit.tracking.store import schema_template
+
+    monkeypatch.setenv("TOOLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    ensure_store(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}")
+    template = schema_template()
+    assert template is not None and template.parent == tmp_path / "cache"
+    built = template.stat().st_mtime_ns
+    started = time.perf_counter()
+    ensure_store(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
+    copied = time.perf_counter() - started
+    assert template.stat().st_mtime_ns == built, "the template is built once"
+    assert copied < 1.0, f"a copy, not MLflow's migrations: {copied:.2f}s"
+    for name in ("a", "b"):
+        store = MlflowClient(f"sqlite:///{tmp_path / name / 'mlflow.db'}")
+        assert store.get_experiment("0").artifact_location == (tmp_path / name / "artifacts").resolve().as_uri()
+        run = store.create_run(store.create_experiment("x"))
+        store.log_metric(run.info.run_id, "m", 1.0)
+        assert store.get_run(run.info.run_id).data.metrics == {"m": 1.0}
+
+
+def test_an_unwritable_cache_falls_back_to_migrating_the_store_in_place(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("TOOLKIT_CACHE_DIR", str(blocker / "cache"))  # a folder under a file cannot exist
+    ensure_store(f"sqlite:///{tmp_path / 's' / 'mlflow.db'}")
+    assert client(f"sqlite:///{tmp_path / 's' / 'mlflow.db'}").search_experiments()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -11,7 +12,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -255,13 +256,65 @@ def ensure_store(uri: str) -> None:
 
 
 def _build_schema(db: Path, folder: Path) -> None:
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    """An empty store at ``db``: a copy of this MLflow version's empty schema, made once per machine.
+
+    MLflow builds a new schema by running every migration since its first release, some 4-5 s
+    (a quarter of a short search). The empty result depends only on MLflow's version, so it is
+    built once into :func:`schema_template` and copied: milliseconds. The copy's Default
+    experiment then gets its own artifact folder.
+    """
+    import sqlite3
 
     db.unlink(missing_ok=True)
     # The Default experiment's artifacts live beside the database too, not in ./mlruns of
     # whatever folder the first search ran from.
-    store = SqlAlchemyStore(f"sqlite:///{db}", (folder.resolve() / "artifacts").as_uri())
+    artifacts = (folder.resolve() / "artifacts").as_uri()
+    template = schema_template()
+    if template is None:
+        _migrate(db, artifacts)
+        return
+    shutil.copyfile(template, db)
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (artifacts,))
+
+
+def _migrate(db: Path, artifacts: str) -> None:
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    store = SqlAlchemyStore(f"sqlite:///{db}", artifacts)
     store.engine.dispose()
+
+
+def schema_template() -> Path | None:
+    """This MLflow version's empty SQLite schema, in the toolkit's cache; built on first use.
+
+    The cache is ``TOOLKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/toolkit``, else ``~/.cache/toolkit``.
+    None when that folder cannot be written (the store is then migrated in place, as MLflow does).
+    """
+    from importlib.metadata import version
+
+    base = os.environ.get("TOOLKIT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "toolkit"
+    )
+    keyed = f"mlflow-{version('mlflow')}-sqlalchemy-{version('sqlalchemy')}-empty.db"
+    template = Path(base) / keyed
+    if _store_ready(template):
+        return template
+    try:
+        template.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with _file_lock(template.with_name(keyed + ".lock")):
+            if not _store_ready(template):
+                scratch = template.with_name(f".{keyed}.{os.getpid()}.new")
+                try:
+                    _migrate(scratch, (template.parent / "artifacts").as_uri())
+                    os.chmod(scratch, 0o600)
+                    os.replace(scratch, template)
+                finally:
+                    scratch.unlink(missing_ok=True)
+    except OSError as exc:
+        log.debug("no schema template in %s: %s", template.parent, exc)
+        return None
+    return template
 
 
 @contextmanager
