@@ -29,11 +29,24 @@ def auto_steps_per_execution(n_train: int, batch_size: int, setting: int | str =
     return max(1, min(32, steps))
 
 
-def auto_jit_compile(params_estimate: int, setting: bool | str = "auto") -> bool:
-    """XLA pays off only for compute-bound models; on tiny ones it costs compile time."""
+def auto_jit_compile(params_estimate: int, setting: bool | str = "auto", precision: str = "float32") -> bool:
+    """XLA pays off only for compute-bound models; on tiny ones it costs compile time.
+
+    Under ``mixed_bfloat16`` on a CPU, ``auto`` leaves XLA off: XLA's CPU backend runs bfloat16
+    matmuls as float32 ones, so the bf16 gain is lost (``benchmarks/p11_bfloat16.py``: 0.97x with
+    XLA against 1.35-1.5x on oneDNN's bf16 kernels without it, for the P4 model).
+    """
     if setting != "auto":
         return bool(setting)
+    if precision == "mixed_bfloat16" and not _has_gpu():
+        return False
     return params_estimate >= 1_000_000
+
+
+def _has_gpu() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
 
 
 def task_loss(task: str) -> tuple[str, list[str]]:
@@ -102,7 +115,7 @@ def compile_settings(model: Any, train: Any, n_train: int, batch: int | None = N
         "steps_per_execution": steps_per_execution_for(
             auto_steps_per_execution(n_train, batch or train.batch_size, train.steps_per_execution)
         ),
-        "jit_compile": auto_jit_compile(model.count_params(), train.jit_compile),
+        "jit_compile": auto_jit_compile(model.count_params(), train.jit_compile, getattr(train, "precision", "float32")),
     }
 
 
