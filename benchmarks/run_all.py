@@ -26,6 +26,7 @@ FIGURES = {
     "p8": ("P8 pruned ÷ unpruned time to the unpruned best − 0.5 pp", "p8_pruning.py"),
     "state": ("train.epoch_state: state saving ÷ trial time", "state_saving.py"),
     "p11": ("P11 mixed_bfloat16 ÷ float32 training throughput on the P4 model, and digits accuracy", "p11_bfloat16.py"),
+    "p12": ("P12 chief under 64 simulated workers (trials/s, p99 RPC) and the tracking server under 64 writers", "p12_chief.py"),
     "p9": ("P9 80-trial toolkit tune ÷ bare KerasTuner, with P10 (per-trial drift)", "p9_long_search.py"),
     "p7": ("P7 GPU samples/s ÷ bare fit (or 'no GPU')", "gpu_check.py"),
     "tracking": ("MLflow logging time ÷ trial time", "tracking_overhead.py"),

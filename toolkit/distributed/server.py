@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -11,6 +12,18 @@ import urllib.request
 from pathlib import Path
 
 from toolkit.distributed.processes import _die_with_parent, _free_port, _stop_group
+
+
+def _write_ahead_log(backend_uri: str) -> None:
+    """Put the server's SQLite store in WAL mode (it stays with the file): readers then no longer
+    hold up each writer's commit. Only a local file: WAL needs shared memory, which a network file
+    system cannot give."""
+    if not backend_uri.startswith("sqlite:///"):
+        return
+    path = Path(backend_uri[len("sqlite:///") :])
+    if path.exists():
+        with contextlib.closing(sqlite3.connect(path, timeout=20)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
 
 
 class TrackingServer:
@@ -63,7 +76,18 @@ class TrackingServer:
             "--uvicorn-opts",
             "--no-access-log",
         ]
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        # MLflow's log_batch holds one pooled connection while it opens a second one to write, so
+        # with its default pool (5 + 10 overflow) 15 concurrent writers hold every connection and
+        # wait for a second one: each call then fails after 30 s (BAD_REQUEST "QueuePool limit"),
+        # and the async queue drops those points. At 64 writers almost nothing was stored
+        # (benchmarks/p12_chief.py). Without a pool each session opens its own SQLite connection
+        # (cheap), and SQLite's busy timeout (20 s in MLflow) orders the writers.
+        env = {
+            "MLFLOW_SQLALCHEMYSTORE_POOLCLASS": "NullPool",
+            **os.environ,
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        }
+        _write_ahead_log(self.backend_uri)
         with open(self.log_path, "wb") as out:
             self._proc = subprocess.Popen(
                 cmd,
