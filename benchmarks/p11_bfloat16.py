@@ -38,7 +38,7 @@ import keras_tuner as kt  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from harness import ROOT, machine, verdict  # noqa: E402
-from p4_flops import SIZES, training_flops_per_sample  # noqa: E402
+from p4_flops import SIZES, matmul_peak, training_flops_per_sample  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 # Eight models are built in one process: Keras' retracing notice and its warning that a
@@ -103,28 +103,6 @@ def cpu_flags() -> set[str]:
 def load() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f}, {five:.2f}, {fifteen:.2f} (1, 5, 15 min; {os.cpu_count()} cores)"
-
-
-def matmul_peak(dtype: str, n: int = 2048, repeats: int = 20) -> float:
-    """GFLOP/s of an n×n matmul chain in ``dtype`` (graph mode, oneDNN), the best of five timings."""
-    a = tf.cast(tf.random.normal((n, n)), dtype)
-    b = tf.cast(tf.random.normal((n, n)), dtype)
-    scale = tf.constant(1e-3, dtype)
-
-    @tf.function
-    def chain(a, b):
-        out = a
-        for _ in range(repeats):
-            out = tf.matmul(out, b) * scale
-        return out
-
-    chain(a, b).numpy()
-    best = float("inf")
-    for _ in range(5):
-        started = time.perf_counter()
-        chain(a, b).numpy()
-        best = min(best, time.perf_counter() - started)
-    return 2 * n**3 * repeats / best / 1e9
 
 
 def check_dtypes() -> None:
@@ -260,7 +238,7 @@ def main(rounds: int, batch_sizes: list[int], n: int, epochs: int, seeds: list[i
         f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '(unset: the best ISA the CPU has)')}"
     )
     print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}")
-    fp32_peak, bf16_peak = matmul_peak("float32"), matmul_peak("bfloat16")
+    fp32_peak, bf16_peak = matmul_peak(dtype="float32"), matmul_peak(dtype="bfloat16")
     print(
         f"tf.matmul peak (2048x2048, graph mode, best of 5): float32 {fp32_peak:.0f} GFLOP/s, bfloat16 {bf16_peak:.0f} GFLOP/s "
         f"(x{bf16_peak / fp32_peak:.2f})"

@@ -27,16 +27,17 @@ from toolkit.models import MLPHyperModel  # noqa: E402
 SIZES = [784, 1024, 1024, 10]
 
 
-def matmul_peak(n: int = 2048, repeats: int = 20) -> float:
-    """GFLOP/s of a float32 n×n matmul chain, the best of five timings."""
-    a = tf.random.normal((n, n))
-    b = tf.random.normal((n, n))
+def matmul_peak(n: int = 2048, repeats: int = 20, dtype: str = "float32") -> float:
+    """GFLOP/s of an n×n matmul chain in ``dtype`` (graph mode), the best of five timings."""
+    a = tf.cast(tf.random.normal((n, n)), dtype)
+    b = tf.cast(tf.random.normal((n, n)), dtype)
+    scale = tf.constant(1e-3, dtype)
 
     @tf.function
     def chain(a, b):
         out = a
         for _ in range(repeats):
-            out = tf.matmul(out, b) * 1e-3
+            out = tf.matmul(out, b) * scale
         return out
 
     chain(a, b).numpy()
