@@ -189,6 +189,41 @@ def test_a_lost_trial_without_retries_left_is_failed_and_nothing_waits_for_it(se
     assert oracle.trials[trial.trial_id].status == "FAILED"
 
 
+def _reloaded(oracle):
+    """What a new chief reads from the folder now, as after a kill -9 of this one."""
+    again = kt.oracles.RandomSearchOracle(objective=kt.Objective("score", "max"), max_trials=2, seed=1, max_retries_per_trial=1)
+    again._set_project_dir(oracle._directory, oracle._project_name)
+    again.reload()
+    return again
+
+
+def test_the_chief_writes_the_oracle_state_before_each_answer_and_once_per_ended_trial(served, oracle):
+    server, _ = served
+    saves = []
+    real_save = oracle.save
+    oracle.save = lambda: (saves.append(1), real_save())
+    a = _client(oracle, "tuner0")
+    trial = a.create_trial("tuner0")
+    started = _reloaded(oracle)  # the started trial is on disk as ongoing: a resume retries it
+    assert started._retry_queue == [trial.trial_id] and started.trials[trial.trial_id].status == "RUNNING"
+    saves.clear()
+    _finish(a, trial, 3.0)
+    assert len(saves) == 1  # KerasTuner's own save in end_trial is held back; one save, after the trial is released
+    ended = _reloaded(oracle)  # the ended trial is on disk as ended, not ongoing: a resume does not run it again
+    assert ended._retry_queue == [] and ended.end_order == [trial.trial_id]
+    assert ended.trials[trial.trial_id].status == "COMPLETED" and ended.trials[trial.trial_id].score == 3.0
+    project = Path(oracle._directory) / oracle._project_name
+    assert not list(project.rglob("*.part"))  # written whole, then renamed into place
+
+
+def test_the_chief_remembers_a_metrics_direction_by_name():
+    from keras_tuner.src.engine import metrics_tracking
+
+    assert metrics_tracking.infer_metric_direction("val_accuracy") == "max"
+    assert metrics_tracking.infer_metric_direction("val_loss") == "min"
+    assert metrics_tracking.infer_metric_direction("accuracy") == "max"
+
+
 def test_a_worker_that_stops_sending_heartbeats_is_reported_after_its_lease(served):
     server, port = served
     beat = distributed._Heartbeat(Address("127.0.0.1", port), "tuner7", every=0.1, token=TOKEN)

@@ -14,9 +14,11 @@ It trusts no client beyond its own trial:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -28,6 +30,7 @@ from typing import Any
 import grpc
 from keras_tuner.src import protos
 from keras_tuner.src.distribute import oracle_chief
+from keras_tuner.src.engine import metrics_tracking
 from keras_tuner.src.engine import oracle as oracle_module
 from keras_tuner.src.engine import trial as trial_module
 
@@ -63,6 +66,89 @@ def _locked(oracle: Any) -> Iterator[None]:
         oracle_module.LOCKS[oracle].release()
 
 
+def _write_whole(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: a new file, renamed over the old one."""
+    part = f"{path}.{threading.get_ident()}.part"
+    with open(part, "w") as out:
+        out.write(text)
+    os.replace(part, path)
+
+
+class _LocalSaves:
+    """The chief's oracle writes its state with plain file calls while it serves: the same files, at the same moments.
+
+    KerasTuner saves the whole ``oracle.json`` in every ``create_trial`` and ``end_trial``, and a
+    trial's ``trial.json`` on every report, all under the oracle's lock and through
+    ``tf.io.gfile`` (which also re-creates the project folder on every call). Under 64 workers
+    those saves were half of the lock's hold (``benchmarks/p12_chief.py``). Here each save still
+    happens where KerasTuner makes it, before the call returns, so what a killed chief leaves on
+    disk is what it left before; each file is now written in one call and renamed into place, so
+    a kill during a write leaves the previous version rather than half a file. Folders are made
+    once. Remote folders (``gs://``) keep KerasTuner's own saves.
+
+    Args:
+        oracle: The chief's oracle.
+    """
+
+    def __init__(self, oracle: Any) -> None:
+        self.oracle = oracle
+        self.active = False
+        directory = str(getattr(oracle, "_directory", None) or "")
+        if not directory or "://" in directory:
+            return
+        self._project = os.path.join(directory, oracle._project_name)
+        self._folders: set[str] = set()
+        oracle.save = self.save
+        oracle._save_trial = self.save_trial
+        self.active = True
+
+    def _folder(self, path: str) -> str:
+        if path not in self._folders:
+            os.makedirs(path, exist_ok=True)
+            self._folders.add(path)
+        return path
+
+    def save(self) -> None:
+        _write_whole(os.path.join(self._folder(self._project), "oracle.json"), json.dumps(self.oracle.get_state()))
+
+    def save_trial(self, trial: Any) -> None:
+        folder = self._folder(os.path.join(self._project, f"trial_{trial.trial_id}"))
+        _write_whole(os.path.join(folder, "trial.json"), json.dumps(trial.get_state()))
+
+
+@contextlib.contextmanager
+def _one_save(oracle: Any) -> Iterator[None]:
+    """Hold back the oracle's own saves of ``oracle.json`` inside the block; the caller saves once after it."""
+    saved = oracle.__dict__.get("save")
+    oracle.save = lambda: None
+    try:
+        yield
+    finally:
+        if saved is None:
+            del oracle.save
+        else:
+            oracle.save = saved
+
+
+@functools.lru_cache(maxsize=256)
+def _direction_of_name(name: str) -> str | None:
+    return _infer_metric_direction(name)
+
+
+def _metric_direction(metric: Any) -> str | None:
+    """KerasTuner's direction of a metric, remembered by name.
+
+    For a name such as ``accuracy`` KerasTuner builds a Keras metric (TensorFlow variables and
+    all) to read its direction; the chief did that on every trial's first report, under the
+    oracle's lock. The answer depends on the name only.
+    """
+    return _direction_of_name(metric) if isinstance(metric, str) else _infer_metric_direction(metric)
+
+
+_infer_metric_direction = metrics_tracking.infer_metric_direction
+metrics_tracking.infer_metric_direction = _metric_direction
+
+
 @dataclass
 class _Ended:
     """A trial that reached its final status (COMPLETED or FAILED), for the progress display."""
@@ -76,6 +162,7 @@ class _Servicer(oracle_chief.OracleServicer):
 
     def __init__(self, oracle: Any, hello: bytes) -> None:
         super().__init__(oracle)
+        self.saves = _LocalSaves(oracle)
         self.hello = hello
         self.lock = threading.Lock()  # guards the fields below; never held while waiting on the oracle
         self.last_seen: dict[str, float] = {}
@@ -152,9 +239,11 @@ class _Servicer(oracle_chief.OracleServicer):
         """End a trial in the oracle (call with the oracle's lock held)."""
         self._retire(trial.trial_id)
         try:
-            self.oracle.end_trial(trial)
-            # KerasTuner saves before it drops the trial from ongoing_trials: saved as it is
-            # now, so a resume does not find the ended trial "ongoing" and run it again.
+            # KerasTuner saves before it drops the trial from ongoing_trials. Its save is held
+            # back and made once the trial is dropped, so a resume does not find the ended trial
+            # "ongoing" and run it again.
+            with _one_save(self.oracle):
+                self.oracle.end_trial(trial)
             self.oracle.save()
         except RuntimeError as exc:
             # Too many consecutive failures: KerasTuner raised before it released the trial and
