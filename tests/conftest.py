@@ -153,3 +153,33 @@ def quickstart_search(_quickstart_search, monkeypatch: pytest.MonkeyPatch):
     uri, result = _quickstart_search
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri, result, MlflowClient(tracking_uri=uri)
+
+
+@pytest.fixture
+def cli_in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """``toolkit <args>`` run by ``toolkit.cli.main`` in this process: (exit code, stdout, stderr).
+
+    For exit-code checks of errors found after TensorFlow is imported, where a new process would
+    spend ~6 s importing it again. The process contract itself (the exit status a shell sees, no
+    traceback) is checked by the subprocess tests of tests/test_cli.py; ``main`` is what the
+    console script calls and returns the code it exits with. The signal handlers ``main``
+    installs are put back.
+    """
+    from toolkit import cli
+
+    def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[int, str, str]:
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        capsys.readouterr()
+        try:
+            code = cli.main(list(args))
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

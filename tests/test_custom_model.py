@@ -164,13 +164,6 @@ def test_python_door_accepts_a_reference_string(tmp_path, store, mlflow_client):
     assert "filters" in trials[0].data.params and "depth" not in trials[0].data.params
 
 
-def _cli(tmp_path: Path, card: Path, store_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store_dir / 'mlflow.db'}", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [PYTHON, "-m", "toolkit.cli", "tune", str(card)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
-    )
-
-
 @pytest.mark.parametrize(
     ("builder", "extra", "message"),
     [
@@ -182,13 +175,15 @@ def _cli(tmp_path: Path, card: Path, store_dir: Path) -> subprocess.CompletedPro
         ("models/net.py:build", ("space: {depth: [1, 2]}",), "space.depth is read only by the built-in mlp family"),
     ],
 )
-def test_a_bad_builder_reference_exits_2_before_any_run(builder, extra, message, tmp_path):
+def test_a_bad_builder_reference_exits_2_before_any_run(builder, extra, message, tmp_path, cli_in_process):
     card = _card(tmp_path, builder, *extra)
     store_dir = tmp_path / "store"
-    done = _cli(tmp_path, card, store_dir)
-    assert done.returncode == 2, done.stderr
-    assert message in done.stderr
-    assert "Traceback" not in done.stderr
+    code, _, err = cli_in_process(
+        "tune", str(card), env={"MLFLOW_TRACKING_URI": f"sqlite:///{store_dir / 'mlflow.db'}"}, cwd=tmp_path
+    )
+    assert code == 2, err
+    assert message in err
+    assert "Traceback" not in err
     # No run, not even a store.
     assert not (store_dir / "mlflow.db").exists()
 

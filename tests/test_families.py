@@ -202,19 +202,15 @@ def _tune(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
-def test_data_the_family_cannot_take_exits_2_before_any_run(tmp_path):
-    import os
-
+def test_data_the_family_cannot_take_exits_2_before_any_run(tmp_path, cli_in_process):
     # A tabular .npz is known only once loaded: refused at run time, still before any MLflow run.
     # (Built-in sources are refused by validate: test_a_card_the_family_cannot_take_...)
     np.savez(tmp_path / "rows.npz", x=np.random.rand(60, 5).astype("float32"), y=np.arange(60) % 3)
     card = tmp_path / "card.yaml"
     card.write_text(f"name: rows\ndata: {{source: {tmp_path / 'rows.npz'}}}\nmodel: {{family: cnn}}\n")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"}
-    proc = _tune(str(card), env=env)
-    assert proc.returncode == 2, proc.stderr
-    assert "data.source: model.family 'cnn' needs images (H, W, C)" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "store" / "mlflow.db").exists()
+    code, _, err = cli_in_process("tune", str(card), env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"})
+    assert code == 2, err
+    assert "data.source: model.family 'cnn' needs images (H, W, C)" in err and "Traceback" not in err
     assert not (tmp_path / "store" / "mlflow.db").exists()
 
 
