@@ -10,7 +10,16 @@ Light helpers import eagerly; those that need TensorFlow load on first use, so
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# gRPC (imported by KerasTuner) restarts its poller thread in a forked child by default; when
+# subprocess then closes the child's file descriptors before exec, the poller finds its epoll fd
+# gone and aborts the child (SIGABRT, "epoll_wait error: Bad file descriptor"; grpc/grpc#43055).
+# The chief forks its workers and the tracking server (their preexec_fn forces a fork), so a
+# worker could die before it ran. Measured: 13 of 1000 such forks from a process serving gRPC
+# aborted by default, none of 3000 with gRPC's fork support off. Set before gRPC is imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from toolkit.config import ConfigError, ExperimentConfig, load_config
 
