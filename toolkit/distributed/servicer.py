@@ -92,7 +92,6 @@ class _LocalSaves:
 
     def __init__(self, oracle: Any) -> None:
         self.oracle = oracle
-        self.active = False
         directory = str(getattr(oracle, "_directory", None) or "")
         if not directory or "://" in directory:
             return
@@ -100,7 +99,6 @@ class _LocalSaves:
         self._folders: set[str] = set()
         oracle.save = self.save
         oracle._save_trial = self.save_trial
-        self.active = True
 
     def _folder(self, path: str) -> str:
         if path not in self._folders:
