@@ -3,6 +3,11 @@
 Same data (digits, the same stratified 80/20 split with seed 42, standardized with training
 statistics), the same space (the same hyperparameter names, declared in the same order, so
 RandomSearch with the same seed samples the same trials), the same epochs and batch size.
+KerasTuner's random search advances its seed once for every declared hyperparameter, fixed
+ones included, and the toolkit declares l1, l2 and dropout even when the card fixes them (and
+momentum for SGD with momentum): the script declares them too, as ``hp.Fixed``, or its trials
+would be other trials. It prints every trial's values so that a run can be checked against
+the toolkit's.
 
     python benchmarks/bare_kerastuner.py --trials 4 --epochs 10 --batch-size 64
 
@@ -41,6 +46,9 @@ def main() -> None:
         depth = hp.Int("depth", 1, 3)
         units = hp.Choice("units", [16, 32, 64])
         activation = hp.Choice("activation", ["relu", "tanh", "sigmoid"])
+        hp.Fixed("l1", 0.0)
+        hp.Fixed("l2", 0.0)
+        hp.Fixed("dropout", 0.0)
         name = hp.Choice("optimizer", ["adam", "sgd"])
         lr = hp.Float("learning_rate", 1e-4, 1e-1, sampling="log")
         inputs = keras.Input((64,))
@@ -58,8 +66,11 @@ def main() -> None:
         activation = hp.Choice("activation", ["sigmoid", "tanh", "relu"])
         l1 = hp.Choice("l1", [0.0, 1e-5, 1e-4])
         l2 = hp.Float("l2", 1e-6, 1e-2, sampling="log")
+        hp.Fixed("dropout", 0.0)
         name = hp.Choice("optimizer", ["sgd", "momentum", "adam", "rmsprop"])
         lr = hp.Float("learning_rate", 1e-4, 1e-1, sampling="log")
+        with hp.conditional_scope("optimizer", ["momentum"]):
+            momentum = hp.Fixed("momentum", 0.9) if name == "momentum" else 0.0
         inputs = keras.Input((64,))
         h = keras.layers.Normalization(mean=mean, variance=var + 1e-12)(inputs)
         for _ in range(depth):
@@ -67,7 +78,7 @@ def main() -> None:
         model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(h))
         optimizer = {
             "sgd": lambda: keras.optimizers.SGD(lr),
-            "momentum": lambda: keras.optimizers.SGD(lr, momentum=0.9),
+            "momentum": lambda: keras.optimizers.SGD(lr, momentum=momentum),
             "adam": lambda: keras.optimizers.Adam(lr),
             "rmsprop": lambda: keras.optimizers.RMSprop(lr),
         }[name]()
@@ -84,6 +95,8 @@ def main() -> None:
             project_name="bare",
         )
         tuner.search(x_train, y_train, validation_data=(x_val, y_val), epochs=args.epochs, batch_size=args.batch_size, verbose=0)
+        for trial in tuner.oracle.trials.values():
+            print(f"trial {trial.trial_id}: {trial.hyperparameters.values}")
         best = tuner.oracle.get_best_trials(1)[0]
         print(f"best val_accuracy={best.score:.4f} with {best.hyperparameters.values}")
 

@@ -1,6 +1,8 @@
 """P1: whole-process `toolkit tune` (tracked in full) ÷ a bare KerasTuner script, same trials.
 
-Goal ≤ 0.8. Card: benchmarks/cards/p1.yaml (digits, 4 trials x 10 epochs, batch 64).
+Goal ≤ 0.8. Card: benchmarks/cards/p1.yaml (digits, 4 trials x 10 epochs, batch 64). The
+toolkit also runs with `train.steps_per_execution=23` and TOOLKIT_FULL_TEARDOWN=1: the "before"
+of one step per call for short trials and of the exit without the interpreter's teardown.
 
     python benchmarks/p1_vs_bare.py [--pairs 3]
 """
@@ -17,6 +19,15 @@ def main(pairs: int = 3) -> float:
     times = alternate(
         {
             "toolkit": [*TOOLKIT, "tune", str(ROOT / "benchmarks/cards/p1.yaml")],
+            "toolkit, 23 steps per call, full teardown": [
+                "env",
+                "TOOLKIT_FULL_TEARDOWN=1",
+                *TOOLKIT,
+                "tune",
+                str(ROOT / "benchmarks/cards/p1.yaml"),
+                "--set",
+                "train.steps_per_execution=23",
+            ],
             "bare": [
                 PYTHON,
                 str(ROOT / "benchmarks/bare_kerastuner.py"),
@@ -31,6 +42,8 @@ def main(pairs: int = 3) -> float:
         pairs=pairs,
     )
     ratio = median(times["toolkit"]) / median(times["bare"])
+    before = median(times["toolkit, 23 steps per call, full teardown"]) / median(times["bare"])
+    print(f"    23 steps per call, full teardown: {before:.2f}")
     print(
         f"P1 = {median(times['toolkit']):.2f}s / {median(times['bare']):.2f}s = {ratio:.2f} (goal <= 0.8: {verdict(ratio, 0.8)})"
     )

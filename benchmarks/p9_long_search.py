@@ -10,7 +10,9 @@ relu/tanh/sigmoid, adam/sgd, log learning rate), tracked in full. The bare scrip
 - Peak RSS of each whole process (from wait4).
 
 Each toolkit run is also made with TOOLKIT_GC_FREEZE=0, the heap not frozen and a collection of
-the toolkit's own after every trial (the "before" of the garbage-collection lever).
+the toolkit's own after every trial (the "before" of the garbage-collection lever), and with
+`train.steps_per_execution=23` and TOOLKIT_FULL_TEARDOWN=1 (the "before" of one step per call
+for short trials and of the exit without the interpreter's teardown).
 
     python benchmarks/p9_long_search.py [--trials 80] [--rounds 1]
 """
@@ -63,7 +65,15 @@ def main(trials: int = 80, rounds: int = 1) -> float:
     print(f"P9/P10: toolkit tune vs bare KerasTuner, {trials} trials x 2 epochs on digits")
     tune = [*TOOLKIT, "tune", str(CARD), "--set", f"tuner.max_trials={trials}"]
     bare = [PYTHON, str(ROOT / "benchmarks/bare_kerastuner.py"), "--space", "p9", "--trials", str(trials), "--epochs", "2"]
-    commands = {"toolkit": (tune, {}), "toolkit, heap not frozen": (tune, {"TOOLKIT_GC_FREEZE": "0"}), "bare": (bare, {})}
+    commands = {
+        "toolkit": (tune, {}),
+        "toolkit, heap not frozen": (tune, {"TOOLKIT_GC_FREEZE": "0"}),
+        "toolkit, 23 steps per call, full teardown": (
+            [*tune, "--set", "train.steps_per_execution=23"],
+            {"TOOLKIT_FULL_TEARDOWN": "1"},
+        ),
+        "bare": (bare, {}),
+    }
     for label, (cmd, env) in commands.items():
         print(f"  {label}: {' '.join(f'{k}={v}' for k, v in env.items())} {shlex.join(cmd)}".replace("  ", " ", 1))
     times: dict[str, list[float]] = {label: [] for label in commands}
@@ -86,8 +96,12 @@ def main(trials: int = 80, rounds: int = 1) -> float:
     p10 = statistics.median(d[2] for d in drifts["toolkit"])
     before = med["toolkit, heap not frozen"] / med["bare"]
     before10 = statistics.median(d[2] for d in drifts["toolkit, heap not frozen"])
+    loop = med["toolkit, 23 steps per call, full teardown"] / med["bare"]
     print(f"P9 = {med['toolkit']:.1f}s / {med['bare']:.1f}s = {p9:.2f} (goal <= 0.75: {verdict(p9, 0.75)})")
     print(f"     heap not frozen: {med['toolkit, heap not frozen']:.1f}s / {med['bare']:.1f}s = {before:.2f}")
+    print(
+        f"     23 steps per call, full teardown: {med['toolkit, 23 steps per call, full teardown']:.1f}s / {med['bare']:.1f}s = {loop:.2f}"
+    )
     print(f"P10 = {p10:.2f} (goal <= 1.10: {verdict(p10, 1.10)}); heap not frozen: {before10:.2f}")
     print("peak RSS (MB): " + ", ".join(f"{label} {statistics.median(v):.0f}" for label, v in rss.items()))
     return p9

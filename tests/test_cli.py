@@ -98,3 +98,52 @@ def test_validate_refuses_a_card_whose_data_file_does_not_exist(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr + proc.stdout
     assert proc.stdout == ""  # nothing printed as if the card were valid
     assert no_runs_created(store)
+
+
+
+CONSOLE_SCRIPT = """
+import atexit, sys
+from toolkit import cli
+
+handler, finalizer, card = sys.argv[1:4]
+
+class Finalized:  # a global of __main__: only the interpreter's teardown finalizes it
+    def __init__(self, path):
+        self.path, self.open = path, open
+
+    def __del__(self):
+        with self.open(self.path, "w") as out:
+            out.write("finalized")
+
+keep = Finalized(finalizer)
+run = cli.main
+
+def main(argv=None):
+    code = run(argv)
+    atexit.register(lambda: open(handler, "w").write("ran"))  # as MLflow's async queue registers its flush
+    print("last line")
+    return code
+
+cli.main = main
+sys.argv = ["toolkit", "validate", card]
+cli.entrypoint()
+"""
+
+
+@pytest.mark.parametrize("teardown", [False, True])
+def test_the_console_script_runs_every_exit_handler_and_skips_only_the_interpreters_teardown(tmp_path, teardown):
+    handler, finalizer = tmp_path / "handler", tmp_path / "finalizer"
+    script = tmp_path / "console.py"
+    script.write_text(CONSOLE_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(handler), str(finalizer), str(ROOT / "experiments/quickstart.yaml")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TOOLKIT_FULL_TEARDOWN": "1" if teardown else ""},
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip().endswith("last line")  # buffered output is flushed before the exit
+    assert handler.read_text() == "ran"
+    assert finalizer.exists() == teardown

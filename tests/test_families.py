@@ -105,7 +105,8 @@ def test_a_listed_batch_size_is_a_hyperparameter_and_a_single_one_is_not():
 
 
 def test_steps_per_execution_follows_the_trials_batch():
-    cfg = validate({"data": {"source": "digits"}, "model": {"family": "cnn"}, "train": {"batch_size": [16, 128]}})
+    # 30 epochs: trials long enough for several steps per call (12 × 30 = 360 steps; see test_models).
+    cfg = validate({"data": {"source": "digits"}, "model": {"family": "cnn"}, "train": {"batch_size": [16, 128], "epochs": 30}})
     hypermodel = for_card(cfg, load_dataset(cfg.data, cfg.seed))
     steps = {}
     for batch in (16, 128):

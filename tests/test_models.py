@@ -68,3 +68,11 @@ def test_steps_per_execution_auto_never_exceeds_an_epoch():
     assert auto_steps_per_execution(60000, 64) == 32
     assert auto_steps_per_execution(10, 64) == 1
     assert auto_steps_per_execution(1437, 64, 4) == 4
+
+
+def test_steps_per_execution_auto_is_one_for_a_trial_too_short_to_repay_the_loops_tracing():
+    # 23 steps an epoch: 2 epochs (46 steps) and 10 (230) run one step per call, 20 (460) run 23.
+    assert auto_steps_per_execution(1437, 64, epochs=2) == 1
+    assert auto_steps_per_execution(1437, 64, epochs=10) == 1
+    assert auto_steps_per_execution(1437, 64, epochs=20) == 23
+    assert auto_steps_per_execution(1437, 64, 16, epochs=2) == 16  # a number set on the card is kept

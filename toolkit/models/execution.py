@@ -7,17 +7,25 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+# Below this many training steps per trial, one step per call is faster: tracing the multi-step
+# loop (a while_loop around a cond) costs 0.2-0.35 s once per trial, and it saves about 1 ms per
+# step on small models (benchmarks/p9_long_search.py, RESULTS.md "Steps per execution").
+SHORT_TRIAL_STEPS = 300
 
-def auto_steps_per_execution(n_train: int, batch_size: int, setting: int | str = "auto") -> int:
+
+def auto_steps_per_execution(n_train: int, batch_size: int, setting: int | str = "auto", epochs: int | None = None) -> int:
     """Steps run per ``tf.function`` call.
 
     Small models are bound by per-step Python and dispatch overhead, so running several steps per
     call is faster and changes no update: the same batches meet the same weights in the same order.
+    A short trial is the exception: the loop costs more to trace than it saves, so a trial of
+    fewer than :data:`SHORT_TRIAL_STEPS` steps runs one step per call.
 
     Args:
         n_train: Training samples.
         batch_size: The global batch.
         setting: The card's value: an int, or ``"auto"``. Defaults to ``"auto"``.
+        epochs: The trial's epochs, when known. Defaults to None (treated as a long trial).
 
     Returns:
         The number of steps per execution.
@@ -25,6 +33,8 @@ def auto_steps_per_execution(n_train: int, batch_size: int, setting: int | str =
     if setting != "auto":
         return int(setting)
     steps = max(1, math.ceil(n_train / batch_size))
+    if epochs is not None and epochs * steps < SHORT_TRIAL_STEPS:
+        return 1
     # One call per epoch at most; 32 keeps per-epoch callbacks and the last partial batch cheap.
     return max(1, min(32, steps))
 
@@ -113,7 +123,9 @@ def compile_settings(model: Any, train: Any, n_train: int, batch: int | None = N
 
     return {
         "steps_per_execution": steps_per_execution_for(
-            auto_steps_per_execution(n_train, batch or train.batch_size, train.steps_per_execution)
+            auto_steps_per_execution(
+                n_train, batch or train.batch_size, train.steps_per_execution, getattr(train, "epochs", None)
+            )
         ),
         "jit_compile": auto_jit_compile(model.count_params(), train.jit_compile, getattr(train, "precision", "float32")),
     }
