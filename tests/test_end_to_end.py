@@ -53,6 +53,7 @@ def test_quickstart_search_is_recorded_as_parent_and_nested_trials(quickstart_se
 
 
 def test_system_metrics_can_be_turned_off(store, mlflow_client):
-    result = run_search(shrunk("quickstart", "tuner.max_trials=1", "tracking.log_model=false", "tracking.system_metrics=false"))
+    off = ("tracking.log_model=false", "tracking.system_metrics=false", "tracking.report=false", "train.diagnostics=false")
+    result = run_search(shrunk("quickstart", "tuner.max_trials=1", *off))
     run = mlflow_client.get_run(result.trials[0].run_id)
     assert "val_accuracy" in run.data.metrics and not [m for m in run.data.metrics if m.startswith("system/")]

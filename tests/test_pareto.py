@@ -152,15 +152,19 @@ def test_constraints_crown_the_best_feasible_trial_and_the_pareto_tags_match_bru
     assert finding.startswith("2 of 3 finished trial(s) met the constraints (model_params <= 200)")
 
 
-def test_a_search_without_a_feasible_trial_says_so_logs_no_champion_and_exits_1(tmp_path):
+def test_a_search_without_a_feasible_trial_says_so_logs_no_champion_and_exits_1(tmp_path, store, cli_in_process):
+    # In this process: the exit status a shell sees is checked by tests/test_cli.py's subprocess cases.
     sets = [*SIZES, "tuner.max_trials=2", *QUICK, "tuner.constraints={model_params: {max: 10}}"]
-    uri, done = _tune(tmp_path, sets)
-    assert done.returncode == 1, done.stdout + done.stderr
-    assert "no feasible trial" in done.stdout and "(0 feasible)" in done.stdout
-    assert "Traceback" not in done.stderr
+    args = ["tune", str(ROOT / "experiments" / "quickstart.yaml")]
+    for kv in sets:
+        args += ["--set", kv]
+    code, out, err = cli_in_process(*args, cwd=tmp_path)
+    assert code == 1, out + err
+    assert "no feasible trial" in out and "(0 feasible)" in out
+    assert "Traceback" not in err
     import mlflow
 
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(store)
     assert client.search_registered_models() == []
     (parent,) = [r for r in client.search_runs(["1"]) if r.data.tags.get("toolkit.role") == "search"]
     assert parent.info.status == "FINISHED"
