@@ -100,7 +100,6 @@ def test_validate_refuses_a_card_whose_data_file_does_not_exist(tmp_path):
     assert no_runs_created(store)
 
 
-
 CONSOLE_SCRIPT = """
 import atexit, sys
 from toolkit import cli
