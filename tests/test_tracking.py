@@ -497,3 +497,27 @@ def test_the_served_champion_refuses_non_finite_inputs_and_predicts_quietly(cham
     local = Path(mlflow.artifacts.download_artifacts("models:/quickstart@champion"))
     assert (local / "code" / f"{serving.MODULE_NAME}.py").is_file()
     assert Model.load(str(local / "MLmodel")).flavors["python_function"]["code"] == "code"
+
+
+def test_the_champion_is_logged_with_requirements_pinned_here_and_without_mlflows_environment_scan(
+    store, mlflow_client, monkeypatch
+):
+    import keras
+    import mlflow
+    from mlflow.utils import requirements_utils
+
+    from toolkit.tracking.champion import log_champion
+    from toolkit.tracking.environment import pinned_requirements
+
+    # MLflow maps every installed distribution to its modules, once per process, only to check
+    # requirements that were read from this environment; start from a process that has not.
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
+    run = mlflow_client.create_run(mlflow_client.create_experiment("champion"))
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))
+    logged = log_champion(store, run.info.run_id, model, np.zeros((3, 4), "float32"), register_as="pinned")
+    assert requirements_utils._MODULES_TO_PACKAGES is None
+    folder = mlflow.artifacts.download_artifacts(logged.model_uri, tracking_uri=store)
+    written = (Path(folder) / "requirements.txt").read_text().split()
+    assert set(pinned_requirements()) <= set(written)
+    assert mlflow.pyfunc.load_model(logged.champion_uri).predict(np.zeros((1, 4), "float32")).shape[-1] == 2

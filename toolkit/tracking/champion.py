@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +51,34 @@ def _serve_through_toolkit_loader(path: str, mlflow_model: Any = None) -> None:
     pyfunc["loader_module"] = serving.MODULE_NAME
     pyfunc["code"] = "code"
     model.save(str(mlmodel))
+
+
+@contextlib.contextmanager
+def _requirements_read_from_here() -> Iterator[None]:
+    """Skip MLflow's check that this environment satisfies the model's requirements.
+
+    :func:`~toolkit.tracking.environment.pinned_requirements` reads the requirements from this
+    very environment, so the check cannot find a mismatch, and it costs ~0.6 s: it maps every
+    installed distribution to its modules (``importlib.metadata.packages_distributions``) the
+    first time a process saves or loads a model. ``Model.log`` makes it twice, when it writes the
+    requirements and when it loads the saved model to check the input example.
+    """
+    import importlib
+
+    # The modules themselves: ``mlflow.pyfunc`` as an attribute of ``mlflow`` is a lazy proxy.
+    modules = tuple(importlib.import_module(name) for name in ("mlflow.utils.environment", "mlflow.pyfunc"))
+    checks = [module.warn_dependency_requirement_mismatches for module in modules]
+    for module in modules:
+        module.warn_dependency_requirement_mismatches = _no_check
+    try:
+        yield
+    finally:
+        for module, check in zip(modules, checks, strict=True):
+            module.warn_dependency_requirement_mismatches = check
+
+
+def _no_check(requirements: list[str]) -> None:
+    return None
 
 
 class _KerasFlavor:
@@ -116,7 +146,7 @@ def log_champion(
     keras.utils.disable_interactive_logging()
     try:
         # Model.log resolves the store from the global URI; point it at this search's store.
-        with _global_tracking_uri(uri):
+        with _global_tracking_uri(uri), _requirements_read_from_here():
             import mlflow
 
             # Model.log would file the LoggedModel under MLflow's "active" experiment (Default,
