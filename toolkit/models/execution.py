@@ -9,7 +9,7 @@ from typing import Any
 
 # Below this many training steps per trial, one step per call is faster: tracing the multi-step
 # loop (a while_loop around a cond) costs 0.2-0.35 s once per trial, and it saves about 1 ms per
-# step on small models (benchmarks/p9_long_search.py, RESULTS.md "Steps per execution").
+# step on small models (benchmarks/RESULTS.md, "Steps per execution for short trials").
 SHORT_TRIAL_STEPS = 300
 
 

@@ -58,7 +58,7 @@ def _requirements_read_from_here() -> Iterator[None]:
     """Skip MLflow's check that this environment satisfies the model's requirements.
 
     :func:`~toolkit.tracking.environment.pinned_requirements` reads the requirements from this
-    very environment, so the check cannot find a mismatch, and it costs ~0.6 s: it maps every
+    very environment, so the check cannot find a mismatch, and it costs 0.2-0.6 s: it maps every
     installed distribution to its modules (``importlib.metadata.packages_distributions``) the
     first time a process saves or loads a model. ``Model.log`` makes it twice, when it writes the
     requirements and when it loads the saved model to check the input example.
