@@ -500,7 +500,7 @@ def test_the_served_champion_refuses_non_finite_inputs_and_predicts_quietly(cham
 
 
 def test_the_champion_is_logged_with_requirements_pinned_here_and_without_mlflows_environment_scan(
-    store, mlflow_client, monkeypatch
+    tmp_path, store, mlflow_client, monkeypatch
 ):
     import keras
     import mlflow
@@ -512,7 +512,9 @@ def test_the_champion_is_logged_with_requirements_pinned_here_and_without_mlflow
     # MLflow maps every installed distribution to its modules, once per process, only to check
     # requirements that were read from this environment; start from a process that has not.
     monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
-    run = mlflow_client.create_run(mlflow_client.create_experiment("champion"))
+    # Its artifacts under tmp_path: an experiment's default location is ./mlruns of the current folder.
+    experiment = mlflow_client.create_experiment("champion", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = mlflow_client.create_run(experiment)
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))
     logged = log_champion(store, run.info.run_id, model, np.zeros((3, 4), "float32"), register_as="pinned")
